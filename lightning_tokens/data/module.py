@@ -1,0 +1,214 @@
+"""SFTDataModule: files, a hub dataset or the embedded reasoning task, tokenized for completion-only SFT."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator, Optional
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from transformers import PreTrainedTokenizerBase
+
+from lightning_tokens.data.encode import Encoded, SFTCollator, Truncation, TruncationReport, apply_truncation, encode_record
+from lightning_tokens.data.reasoning_task import ReasoningTask
+from lightning_tokens.data.records import DataError, Record, from_dicts, read_file, read_hub_dataset
+
+
+class EncodedDataset(Dataset):
+    """Encoded samples, each with its reference answer (or ``None``) for generation-based validation."""
+
+    def __init__(self, samples: list[Encoded], answers: list[Optional[str]]) -> None:
+        self.samples, self.answers = samples, answers
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Encoded, Optional[str]]:
+        return self.samples[index], self.answers[index]
+
+
+class EpochSeededSampler(RandomSampler):
+    """A random order that depends only on ``seed`` and the epoch, so a resumed run sees the same order.
+
+    Lightning calls ``set_epoch`` at every epoch start (and swaps in a ``DistributedSampler`` seeded the
+    same way under DDP).
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class SFTDataModule(LightningDataModule):
+    """Supervised fine-tuning data with completion-only labels.
+
+    The data comes from, in order of precedence: ``train_file`` (``.jsonl``, ``.json`` or ``.parquet``),
+    ``dataset`` (a 🤗 datasets name or local dataset directory), or the embedded reasoning ``task``
+    (the default). Records are ``{"prompt", "completion"}`` or chat ``{"messages"}`` (see
+    :mod:`lightning_tokens.data.encode` for the templates).
+
+    Args:
+        train_file: Training records file. Default ``None``.
+        val_file: Validation records file. Default ``None``: a deterministic ``val_fraction`` of the
+            training records (files and datasets) or the task's own validation split.
+        dataset: Hub dataset name or local dataset directory. Default ``None``.
+        dataset_config: Configuration name of ``dataset``. Default ``None``.
+        train_split: Split of ``dataset`` to train on. Default ``"train"``.
+        val_split: Split of ``dataset`` to validate on. Default ``None``: carved from ``train_split``.
+        task: The embedded reasoning task, used when no file or dataset is given. Default
+            ``ReasoningTask()``.
+        tokenizer: Hub name or path of the tokenizer. Default ``None``: the LightningModule's
+            ``tokenizer`` when it has one, else the embedded task tokenizer.
+        max_length: Longest sample in tokens. Default ``512``.
+        truncation: ``"truncate"`` (cut the end of an over-long sample) or ``"drop"`` (drop it); the
+            counts are reported at setup. Default ``"truncate"``.
+        val_fraction: Share of training records held out when there is no validation source. Default ``0.05``.
+        seed: Seed of the split and of the shuffling. Default ``0``.
+        batch_size: Training micro-batch size. Default ``8``.
+        eval_batch_size: Validation batch size. Default ``None``: ``batch_size``.
+        num_workers: DataLoader workers. Default ``0``.
+        pad_to_multiple_of: Round padded lengths up to this multiple. Default ``1``.
+        answer_field: Record field holding the reference final answer for generation-based validation.
+            Default ``"answer"``; for the task, the answer of each problem. Records without it are
+            scored on loss only.
+    """
+
+    def __init__(
+        self,
+        train_file: Optional[str] = None,
+        val_file: Optional[str] = None,
+        dataset: Optional[str] = None,
+        dataset_config: Optional[str] = None,
+        train_split: str = "train",
+        val_split: Optional[str] = None,
+        task: Optional[ReasoningTask] = None,
+        tokenizer: Optional[str] = None,
+        max_length: int = 512,
+        truncation: Truncation = "truncate",
+        val_fraction: float = 0.05,
+        seed: int = 0,
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        pad_to_multiple_of: int = 1,
+        answer_field: str = "answer",
+    ) -> None:
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"SFTDataModule.val_fraction must be in [0, 1), got {val_fraction}")
+        if truncation not in ("truncate", "drop"):
+            raise ValueError(f"SFTDataModule.truncation must be 'truncate' or 'drop', got {truncation!r}")
+        if max_length < 2:
+            raise ValueError(f"SFTDataModule.max_length must be at least 2, got {max_length}")
+        self.save_hyperparameters()
+        self.train_file, self.val_file = train_file, val_file
+        self.dataset, self.dataset_config = dataset, dataset_config
+        self.train_split, self.val_split = train_split, val_split
+        self.task = task if task is not None else ReasoningTask()
+        self.tokenizer_name = tokenizer
+        self.max_length, self.truncation = max_length, truncation
+        self.val_fraction, self.seed = val_fraction, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.pad_to_multiple_of = num_workers, pad_to_multiple_of
+        self.answer_field = answer_field
+        self.tokenizer: Optional[PreTrainedTokenizerBase] = None
+        self.train_dataset: Optional[EncodedDataset] = None
+        self.val_dataset: Optional[EncodedDataset] = None
+        self.reports: dict[str, TruncationReport] = {}
+
+    # -- sources ---------------------------------------------------------------------------------------
+    def _records(self) -> tuple[list[Record], list[Record]]:
+        if self.train_file is not None:
+            train = read_file(self.train_file)
+            if self.val_file is not None:
+                return train, read_file(self.val_file)
+            return self._split(train)
+        if self.dataset is not None:
+            train = read_hub_dataset(self.dataset, self.train_split, self.dataset_config)
+            if self.val_split is not None:
+                return train, read_hub_dataset(self.dataset, self.val_split, self.dataset_config)
+            return self._split(train)
+        return (from_dicts(self.task.records("train"), "reasoning task train"),
+                from_dicts(self.task.records("val"), "reasoning task val"))
+
+    def _split(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
+        order = list(range(len(records)))
+        random.Random(self.seed).shuffle(order)
+        n_val = round(len(records) * self.val_fraction)
+        if self.val_fraction > 0 and len(records) > 1:
+            n_val = max(n_val, 1)
+        held = set(order[:n_val])
+        return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_name is not None:
+            from lightning_tokens.modeling import ModelSpec, load_tokenizer
+
+            return load_tokenizer(ModelSpec(tokenizer=self.tokenizer_name))
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if getattr(module, "tokenizer", None) is not None:
+            return module.tokenizer
+        from lightning_tokens.data.tokenizer import load_task_tokenizer
+
+        return load_task_tokenizer()
+
+    def _encode(self, records: list[Record], split: str) -> EncodedDataset:
+        samples = [encode_record(self.tokenizer, record) for record in records]
+        answers = [self._answer(record) for record in records]
+        by_origin = dict(zip((s.origin for s in samples), answers))
+        kept, report = apply_truncation(samples, self.max_length, self.truncation)
+        self.reports[split] = report
+        if report.truncated or report.dropped:
+            rank_zero_info(f"SFTDataModule {split}: {report} (max_length={self.max_length}, policy={self.truncation})")
+        if not kept:
+            raise DataError(f"SFTDataModule {split}: every sample is longer than max_length={self.max_length}")
+        return EncodedDataset(kept, [by_origin[s.origin] for s in kept])
+
+    def _answer(self, record: Record) -> Optional[str]:
+        value = record.fields.get(self.answer_field)
+        return None if value is None else str(value)
+
+    # -- Lightning hooks -------------------------------------------------------------------------------
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_dataset is not None:
+            return
+        self.tokenizer = self._resolve_tokenizer()
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("SFTDataModule: the tokenizer has no pad token; set tokenizer.pad_token")
+        train, val = self._records()
+        self.train_dataset = self._encode(train, "train")
+        self.val_dataset = self._encode(val, "val") if val else None
+
+    def _collator(self, generation: bool) -> SFTCollator:
+        return SFTCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, generation=generation)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=EpochSeededSampler(self.train_dataset, self.seed),
+                          collate_fn=self._collator(False), num_workers=self.num_workers, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        has_answers = any(a is not None for a in self.val_dataset.answers)
+        return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=self._collator(has_answers), num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+
+__all__ = ["SFTDataModule", "EpochSeededSampler", "EncodedDataset"]

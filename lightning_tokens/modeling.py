@@ -1,0 +1,235 @@
+"""Load a causal language model and its tokenizer: hub name, local path or a tiny config.
+
+Everything a YAML can say about the model lives in :class:`ModelSpec`; :func:`load_causal_lm` turns it
+into a ``(model, tokenizer)`` pair, with LoRA (PEFT) and bitsandbytes quantization applied on request.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+Quantization = Literal["nf4", "fp4", "int8"]
+
+#: Sizes used for a tiny model when its config dict names only ``model_type`` (a few million weights).
+TINY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
+    "qwen2": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
+    "mistral": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+                    sliding_window=None),
+    "gpt2": dict(n_embd=128, n_layer=4, n_head=4, n_positions=1024),
+}
+
+
+@dataclass
+class ModelSpec:
+    """What model to load and how to wrap it.
+
+    Exactly one of ``name_or_path`` and ``config`` is set: a hub name or local directory of a pretrained
+    causal LM, or a dict of a tiny model's config built from scratch (``{"model_type": "llama", ...}``;
+    missing sizes come from :data:`TINY_DEFAULTS`, the vocabulary and special ids from the tokenizer).
+
+    Attributes:
+        name_or_path: Hub name or local path of a pretrained causal LM. Default ``None``.
+        config: Config dict of a tiny model built from scratch. Default ``None``; when both this and
+            ``name_or_path`` are ``None``, a tiny Llama is built.
+        tokenizer: Hub name or path of the tokenizer. Default ``None``: ``name_or_path``'s tokenizer, or the
+            project's embedded reasoning-task tokenizer for a tiny model.
+        lora: Fields of ``peft.LoraConfig`` (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``...).
+            Default ``None``: no LoRA, every weight trains. ``target_modules`` defaults to ``"all-linear"``.
+        quantization: ``"nf4"``, ``"fp4"`` (4-bit) or ``"int8"`` base weights through bitsandbytes, followed
+            by PEFT's ``prepare_model_for_kbit_training``. Default ``None``. Needs ``lora`` to train.
+        double_quant: Quantize the 4-bit quantization constants too (QLoRA's double quantization).
+            Default ``True``.
+        compute_dtype: Dtype of the 4-bit matmuls. Default ``"auto"``: bfloat16 on a CUDA device that
+            supports it, else float32.
+        dtype: Dtype of unquantized weights. Default ``"float32"``; ``"bfloat16"`` halves memory on GPUs.
+        attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"``. Default ``"sdpa"``.
+        gradient_checkpointing: Recompute activations in backward (non-reentrant). Default ``False``.
+        seed: Seed of a tiny model's random initialisation. Default ``0``.
+        trust_remote_code: Passed to ``from_pretrained``. Default ``False``.
+    """
+
+    name_or_path: Optional[str] = None
+    config: Optional[dict[str, Any]] = None
+    tokenizer: Optional[str] = None
+    lora: Optional[dict[str, Any]] = None
+    quantization: Optional[Quantization] = None
+    double_quant: bool = True
+    compute_dtype: str = "auto"
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments for ``from_pretrained``. Default ``{}``."""
+
+    def __post_init__(self) -> None:
+        if self.name_or_path is not None and self.config is not None:
+            raise ValueError("ModelSpec: set either 'name_or_path' or 'config', not both")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("ModelSpec.config needs a 'model_type' key (e.g. 'llama', 'qwen2', 'gpt2')")
+        if self.quantization not in (None, "nf4", "fp4", "int8"):
+            raise ValueError(f"ModelSpec.quantization must be 'nf4', 'fp4', 'int8' or null, got {self.quantization!r}")
+        _dtype(self.dtype, "dtype")
+
+
+def _dtype(name: str, field_name: str) -> torch.dtype:
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"ModelSpec.{field_name}: {name!r} is not a torch dtype (try 'float32' or 'bfloat16')")
+    return value
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """The dtype for 4-bit matmuls: ``name``, or for ``"auto"`` bfloat16 where CUDA supports it, else float32."""
+    if name != "auto":
+        return _dtype(name, "compute_dtype")
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``spec``: its own, the hub model's, or the embedded task tokenizer for tiny models."""
+    name = spec.tokenizer or spec.name_or_path
+    if name is None:
+        from lightning_tokens.data.tokenizer import load_task_tokenizer
+
+        return load_task_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_config(config: dict[str, Any], tokenizer: PreTrainedTokenizerBase):
+    """A transformers config from a small dict: defaults per model type, vocabulary from the tokenizer."""
+    config = dict(config)
+    model_type = config.pop("model_type")
+    if model_type not in TINY_DEFAULTS:
+        known = ", ".join(sorted(TINY_DEFAULTS))
+        # Other architectures still work when the dict gives every size they need.
+        if not any(k in config for k in ("hidden_size", "n_embd", "d_model")):
+            raise ValueError(f"ModelSpec.config: no tiny defaults for model_type {model_type!r} (known: {known}); "
+                             "give its sizes explicitly")
+    values = {**TINY_DEFAULTS.get(model_type, {}), **config}
+    values.setdefault("vocab_size", len(tokenizer))
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        values.setdefault(name, getattr(tokenizer, name))
+    return AutoConfig.for_model(model_type, **values)
+
+
+def _quantization_config(spec: ModelSpec):
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.quantization,
+        bnb_4bit_compute_dtype=resolve_compute_dtype(spec.compute_dtype),
+        bnb_4bit_use_double_quant=spec.double_quant,
+    )
+
+
+def _device_map() -> dict[str, Any]:
+    # Quantized weights are placed at load time; under DDP each process takes its own GPU.
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def _build_base(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    kwargs: dict[str, Any] = dict(attn_implementation=spec.attn_implementation, dtype=_dtype(spec.dtype, "dtype"))
+    if spec.name_or_path is not None:
+        if spec.quantization:
+            kwargs.update(quantization_config=_quantization_config(spec), device_map=_device_map())
+        return AutoModelForCausalLM.from_pretrained(
+            spec.name_or_path, trust_remote_code=spec.trust_remote_code, **kwargs, **spec.extra
+        )
+    config = tiny_config(spec.config or {"model_type": "llama"}, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    if not spec.quantization:
+        return model
+    # bitsandbytes quantizes while loading weights, so a tiny model goes through a temporary save.
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        kwargs.update(quantization_config=_quantization_config(spec), device_map=_device_map())
+        return AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+
+
+def apply_lora(model: PreTrainedModel, lora: dict[str, Any]) -> nn.Module:
+    """Wrap ``model`` in a PEFT LoRA model from a dict of ``LoraConfig`` fields."""
+    from peft import LoraConfig, get_peft_model
+
+    fields = {"target_modules": "all-linear", "task_type": "CAUSAL_LM", **lora}
+    try:
+        config = LoraConfig(**fields)
+    except TypeError as error:
+        raise ValueError(f"ModelSpec.lora: {error}") from None
+    return get_peft_model(model, config)
+
+
+def load_causal_lm(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load or build the causal LM of ``spec`` and its tokenizer.
+
+    Args:
+        spec: What to load (see :class:`ModelSpec`).
+
+    Returns:
+        ``(model, tokenizer)``; ``model`` is a ``PeftModel`` when ``spec.lora`` is set, else the transformers
+        model itself.
+    """
+    if spec.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
+        raise ValueError("ModelSpec.attn_implementation 'flash_attention_2' needs a CUDA device; use 'sdpa'")
+    tokenizer = load_tokenizer(spec)
+    model = _build_base(spec, tokenizer)
+    if spec.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if spec.lora is not None:
+        model = apply_lora(model, spec.lora)
+    elif spec.quantization:
+        raise ValueError("ModelSpec.quantization: quantized base weights cannot train; add a 'lora' section")
+    return model, tokenizer
+
+
+def causal_lm_of(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside ``model`` (itself, or the base model of a PEFT wrapper)."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.get_output_embeddings() is not None:
+            return module
+    raise ValueError(f"no Hugging Face causal LM found inside {type(model).__name__}")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds bitsandbytes-quantized weights."""
+    return bool(getattr(causal_lm_of(model), "is_quantized", False))
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of any standard transformers causal LM (llama, qwen2, mistral, gpt2, ...)."""
+    base = causal_lm_of(model)
+    inner = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix)
+    for name in ("layers", "h", "blocks", "layer"):
+        layers = getattr(inner, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")

@@ -1,0 +1,158 @@
+"""CausalLMModule: plain supervised fine-tuning of any causal LM from :mod:`lightning_tokens.modeling`."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, check_answer, thinking_length
+from lightning_tokens.modeling import ModelSpec, is_quantized, load_causal_lm
+from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
+
+
+class CausalLMModule(LightningModule):
+    """Supervised fine-tuning of a causal LM (full, LoRA or QLoRA) on batches from :class:`SFTDataModule`.
+
+    ``training_step`` calls the model with ``labels`` and returns ``outputs.loss``, so token-level callbacks
+    (:class:`TokenSelection`, ...) reshape the loss through :mod:`lightning_tokens.token_loss`.
+
+    Logged: ``train/loss``, ``train/ppl``, ``train/tokens_per_sec``, ``val/loss``, ``val/ppl`` and, when the
+    validation batches carry reference answers, ``val/exact_match`` and ``val/thinking_length`` from
+    batched greedy generation.
+
+    Args:
+        model: What model to load. Default ``ModelSpec()``: a tiny Llama with the embedded tokenizer.
+        optimizer: Optimizer and schedule. Default ``OptimizerConfig()`` (AdamW 3e-4, 3% warm-up, cosine).
+        max_new_tokens: Generation length for generation-based validation. Default ``256``.
+        generation_batches: Validation batches scored by generation per validation run. Default ``None``:
+            all of them; ``0`` turns generation off.
+    """
+
+    def __init__(
+        self,
+        model: Optional[ModelSpec] = None,
+        optimizer: Optional[OptimizerConfig] = None,
+        max_new_tokens: int = 256,
+        generation_batches: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.spec = model if model is not None else ModelSpec()
+        self.optim = optimizer if optimizer is not None else OptimizerConfig()
+        self.max_new_tokens = max_new_tokens
+        self.generation_batches = generation_batches
+        self.save_hyperparameters()
+        self.model, self.tokenizer = load_causal_lm(self.spec)
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity(ignore_index=-100)
+        self.val_exact_match = MeanMetric()
+        self.val_thinking_length = MeanMetric()
+        self._step_started: Optional[float] = None
+
+    # -- training --------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        loss = outputs.loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach().clamp(max=50)))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        if self._step_started is None:
+            return
+        elapsed = time.perf_counter() - self._step_started
+        tokens = batch["attention_mask"].sum().item()
+        self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True)
+
+    # -- validation ------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        targets = (batch["labels"][:, 1:] != -100).sum()
+        self.val_loss.update(outputs.loss, weight=targets)
+        self.val_ppl.update(outputs.logits[:, :-1].float(), batch["labels"][:, 1:])
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/ppl", self.val_ppl)
+        wanted = self.generation_batches is None or batch_idx < self.generation_batches
+        if "answers" in batch and wanted and self.max_new_tokens > 0:
+            self._score_generations(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def _score_generations(self, batch: dict) -> None:
+        completions = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+        start, end = self.tokenizer.convert_tokens_to_ids([THINK_START, THINK_END])
+        for ids, answer in zip(completions, batch["answers"]):
+            if answer is None:
+                continue
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            self.val_exact_match.update(float(check_answer(text, answer)))
+            if start is not None and start != self.tokenizer.unk_token_id and start in ids:
+                self.val_thinking_length.update(thinking_length(ids, start, end))
+        self.log("val/exact_match", self.val_exact_match, prog_bar=True)
+        if self.val_thinking_length.update_count:
+            self.log("val/thinking_length", self.val_thinking_length)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> list[list[int]]:
+        """Greedy completions (new token ids, up to eos) of left-padded prompts.
+
+        Args:
+            input_ids: ``(B, T)`` left-padded prompt ids.
+            attention_mask: ``(B, T)`` its mask.
+            **kwargs: Overrides of ``generate()`` arguments (``max_new_tokens`` defaults to the module's).
+        """
+        options = dict(max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
+                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        options.update(kwargs)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+        finally:
+            self.model.train(was_training)
+        completions = []
+        for row in output[:, input_ids.shape[1]:].tolist():
+            eos = self.tokenizer.eos_token_id
+            completions.append(row[: row.index(eos)] if eos in row else row)
+        return completions
+
+    # -- optimisation ----------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
+        return configure(self.optim, groups, int(self.trainer.estimated_stepping_batches))
+
+    # -- export ----------------------------------------------------------------------------------------
+    def export(self, path: str | Path, merge_lora: bool = False) -> Path:
+        """Write the model and tokenizer with ``save_pretrained`` (a loadable Hugging Face directory).
+
+        Args:
+            path: Output directory.
+            merge_lora: Merge LoRA adapters into the base weights and write a plain model; otherwise a
+                LoRA model writes its adapters only. Default ``False``. A quantized base cannot be merged
+                exactly: load the base unquantized, load the adapters, then merge.
+        """
+        path = Path(path)
+        model = self.model
+        if merge_lora and hasattr(model, "merge_and_unload"):
+            if is_quantized(model):
+                raise ValueError("export(merge_lora=True): the base weights are quantized; merging into 4/8-bit "
+                                 "weights is lossy. Reload the base unquantized with the adapters and merge there.")
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path

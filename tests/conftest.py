@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny models built from config (never downloaded), small task data, fixed seeds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_SIZES = {
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4),
+}
+
+
+def tiny_config(model_type: str = "llama", **overrides) -> dict:
+    """A config dict of a 2-layer, 32-wide model of ``model_type``."""
+    return {"model_type": model_type, **TINY_SIZES[model_type], **overrides}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tokenizer():
+    from lightning_tokens.data.tokenizer import load_task_tokenizer
+
+    return load_task_tokenizer()
