@@ -1,25 +1,45 @@
 """lightning-tokens: token-level training methods for Hugging Face causal LMs as Lightning plugins."""
 
+from lightning_tokens.budget import (
+    BudgetForcing,
+    BudgetGuidanceLogitsProcessor,
+    BudgetPredictor,
+    BudgetPredictorModule,
+    PredictorConfig,
+    TraceDataModule,
+    collect_traces,
+    estimate_thinking_length,
+)
 from lightning_tokens.data.module import SFTDataModule
 from lightning_tokens.data.reasoning_task import ReasoningTask, check_answer, extract_answer
 from lightning_tokens.data.tokenizer import load_task_tokenizer
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
 from lightning_tokens.module import CausalLMModule
 from lightning_tokens.optim import OptimizerConfig
+from lightning_tokens.selection import TokenSelection
 from lightning_tokens.token_loss import TokenLossCallback, TokenLossContext, TokenLossDispatcher
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetForcing",
+    "BudgetGuidanceLogitsProcessor",
+    "BudgetPredictor",
+    "BudgetPredictorModule",
     "CausalLMModule",
     "ModelSpec",
     "OptimizerConfig",
+    "PredictorConfig",
     "ReasoningTask",
     "SFTDataModule",
     "TokenLossCallback",
     "TokenLossContext",
     "TokenLossDispatcher",
+    "TokenSelection",
+    "TraceDataModule",
     "check_answer",
+    "collect_traces",
+    "estimate_thinking_length",
     "extract_answer",
     "load_causal_lm",
     "load_task_tokenizer",

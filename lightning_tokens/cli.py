@@ -1,7 +1,8 @@
 """The ``lightning-tokens`` command: a LightningCLI over the project's modules and data modules.
 
 ``lightning-tokens fit --config configs/sft/tiny.yaml`` trains; ``validate``, ``test`` and ``predict``
-work as in any LightningCLI. Models and data modules are chosen by ``class_path`` (subclass mode), so
+work as in any LightningCLI. ``lightning-tokens score`` writes per-token history losses for token
+selection and ``lightning-tokens collect-traces`` collects a model's reasoning traces for budget guidance. Models and data modules are chosen by ``class_path`` (subclass mode), so
 every LightningModule and LightningDataModule of the project, or of the user, can be named in a YAML.
 By default the trainer shows a Rich progress bar, logs to CSV under ``runs/`` and keeps the ``last``
 checkpoint (settable as ``checkpoint.*`` in the YAML).
@@ -52,9 +53,32 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> TokensCLI:
     )
 
 
+def _score(argv: list[str]) -> None:
+    from lightning_tokens.selection.scoring import score_main
+
+    score_main(argv)
+
+
+def _collect_traces(argv: list[str]) -> None:
+    from lightning_tokens.budget.traces import collect_main
+
+    collect_main(argv)
+
+
+#: Commands beside LightningCLI's own (fit, validate, test, predict).
+EXTRA_COMMANDS = {
+    "score": _score,  # per-token history losses for TokenSelection(history="precomputed")
+    "collect-traces": _collect_traces,  # a frozen model's own reasoning traces, for budget guidance
+}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``lightning-tokens`` console script."""
-    build_cli(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in EXTRA_COMMANDS:
+        EXTRA_COMMANDS[argv[0]](argv[1:])
+        return
+    build_cli(argv)
 
 
 if __name__ == "__main__":

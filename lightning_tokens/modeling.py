@@ -84,6 +84,10 @@ class ModelSpec:
         _dtype(self.dtype, "dtype")
 
 
+# Checkpoints keep the spec in their hyperparameters; this lets torch.load(weights_only=True) read them.
+torch.serialization.add_safe_globals([ModelSpec])
+
+
 def _dtype(name: str, field_name: str) -> torch.dtype:
     value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype):
@@ -208,6 +212,9 @@ def load_causal_lm(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerBase]
         model = apply_lora(model, spec.lora)
     elif spec.quantization:
         raise ValueError("ModelSpec.quantization: quantized base weights cannot train; add a 'lora' section")
+    # from_pretrained returns eval mode (from_config train mode) and Lightning keeps submodule modes: without
+    # this, hub and quantized models would train without dropout and unseen by the token-loss dispatcher.
+    model.train()
     return model, tokenizer
 
 

@@ -14,7 +14,7 @@ from torchmetrics.text import Perplexity
 
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, check_answer, thinking_length
 from lightning_tokens.modeling import ModelSpec, is_quantized, load_causal_lm
-from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
+from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups, remember_total_steps, total_training_steps
 
 
 class CausalLMModule(LightningModule):
@@ -134,7 +134,13 @@ class CausalLMModule(LightningModule):
     # -- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
-        return configure(self.optim, groups, int(self.trainer.estimated_stepping_batches))
+        return configure(self.optim, groups, total_training_steps(self))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        remember_total_steps(self, checkpoint, loading=False)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        remember_total_steps(self, checkpoint, loading=True)
 
     # -- export ----------------------------------------------------------------------------------------
     def export(self, path: str | Path, merge_lora: bool = False) -> Path:

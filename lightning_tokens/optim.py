@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ class OptimizerConfig:
             raise ValueError(f"OptimizerConfig.warmup must be >= 0, got {self.warmup}")
 
 
+torch.serialization.add_safe_globals([OptimizerConfig])
+
+
 def parameter_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     """Trainable parameters in two groups: matrices with ``weight_decay``, vectors (biases, norms) without."""
     decay, no_decay = [], []
@@ -80,6 +83,28 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return min_lr_ratio + (1 - min_lr_ratio) * decay
+
+
+def total_training_steps(module: Any) -> int:
+    """Optimizer steps of the whole run, remembered on ``module`` (see :func:`remember_total_steps`).
+
+    Lightning's ``estimated_stepping_batches`` sets up the training data; called while resuming, that
+    happens before the loop state is restored and the data loader's position is lost. So the value is
+    computed once, saved in every checkpoint and read back from it on resume.
+    """
+    steps = getattr(module, "_total_training_steps", None)
+    if steps is None:
+        steps = int(module.trainer.estimated_stepping_batches)
+        module._total_training_steps = steps
+    return steps
+
+
+def remember_total_steps(module: Any, checkpoint: dict, loading: bool) -> None:
+    """Save (``loading=False``) or restore the run's total steps in a LightningModule checkpoint."""
+    if loading:
+        module._total_training_steps = checkpoint.get("total_training_steps")
+    elif getattr(module, "_total_training_steps", None) is not None:
+        checkpoint["total_training_steps"] = module._total_training_steps
 
 
 def configure(config: OptimizerConfig, groups: list[dict], total_steps: int) -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -14,6 +14,10 @@ from transformers import PreTrainedTokenizerBase
 from lightning_tokens.data.encode import Encoded, SFTCollator, Truncation, TruncationReport, apply_truncation, encode_record
 from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.data.records import DataError, Record, from_dicts, read_file, read_hub_dataset
+
+
+# Checkpoints keep the task in the data module's hyperparameters; allow torch.load(weights_only=True) to read it.
+torch.serialization.add_safe_globals([ReasoningTask])
 
 
 class EncodedDataset(Dataset):
@@ -46,6 +50,44 @@ class EpochSeededSampler(RandomSampler):
     def __iter__(self) -> Iterator[int]:
         self.generator.manual_seed(self.seed + self.epoch)
         return super().__iter__()
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that, restored from a checkpoint, continues the interrupted epoch where it stopped.
+
+    Lightning stores the ``state_dict`` of a train DataLoader that has one in every checkpoint and hands it
+    back on resume. ``progress`` tells how far the trainer got: ``(epoch, batches processed this epoch)``.
+    On the first iteration after a restore the sampler is put back on that epoch (``set_epoch``) and the
+    batches already trained on are skipped; skipping comes after the sampler, so it holds for any sampler
+    (DDP's included).
+    """
+
+    def __init__(self, *args: Any, progress: Optional[Callable[[], tuple[int, int]]] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+        self._resume_at: Optional[tuple[int, int]] = None
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self.progress() if self.progress is not None else (0, 0)
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        epoch, done = state_dict["epoch"], state_dict["batches_done"]
+        self._resume_at = (epoch + 1, 0) if done >= len(self) else (epoch, done)
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: the restore below runs at the first batch, after Lightning has loaded the state.
+        if self._resume_at is not None:
+            epoch, done = self._resume_at
+            self._resume_at = None
+            if hasattr(self.sampler, "set_epoch"):
+                self.sampler.set_epoch(epoch)
+            iterator = super().__iter__()
+            for _ in range(done):
+                next(iterator)
+        else:
+            iterator = super().__iter__()
+        yield from iterator
 
 
 class SFTDataModule(LightningDataModule):
@@ -193,9 +235,13 @@ class SFTDataModule(LightningDataModule):
     def _collator(self, generation: bool) -> SFTCollator:
         return SFTCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, generation=generation)
 
+    def _progress(self) -> tuple[int, int]:
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=EpochSeededSampler(self.train_dataset, self.seed),
-                          collate_fn=self._collator(False), num_workers=self.num_workers, drop_last=False)
+        return ResumableDataLoader(self.train_dataset, batch_size=self.batch_size, collate_fn=self._collator(False),
+                                   sampler=EpochSeededSampler(self.train_dataset, self.seed), num_workers=self.num_workers,
+                                   progress=self._progress if self.trainer is not None else None)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
@@ -211,4 +257,4 @@ class SFTDataModule(LightningDataModule):
         return {"seed": self.seed}
 
 
-__all__ = ["SFTDataModule", "EpochSeededSampler", "EncodedDataset"]
+__all__ = ["SFTDataModule", "EpochSeededSampler", "EncodedDataset", "ResumableDataLoader"]

@@ -1,0 +1,119 @@
+"""The ``lightning-tokens`` CLI: every YAML under configs/ instantiates offline, tiny configs fit, resume, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lightning_tokens.cli import build_cli
+from lightning_tokens.data.tokenizer import load_task_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+TINY_CONFIGS = [c for c in CONFIGS if c.stem.endswith("tiny")]
+SMALL_TASK = ["--data.init_args.task.num_train", "48", "--data.init_args.task.num_val", "8"]
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """Hub names resolve to a tiny saved Llama and the task tokenizer: hub configs instantiate offline."""
+    from lightning_tokens.modeling import ModelSpec, load_causal_lm
+
+    local = tmp_path / "hub-stand-in"
+    model, tokenizer = load_causal_lm(ModelSpec(config={"model_type": "llama", "hidden_size": 32,
+                                                        "intermediate_size": 64, "num_hidden_layers": 2}))
+    model.save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    requested = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def from_pretrained(cls, name, *args, **kwargs):
+        if not Path(str(name)).exists():
+            requested.append(name)
+            name = local
+            kwargs.pop("trust_remote_code", None)
+        return original(cls, name, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(lambda cls, name, *a, **k: load_task_tokenizer()))
+    return requested
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_config_parses_and_instantiates_without_downloading(config, offline_hub, tmp_path):
+    # GPU configs are instantiated on the CPU; everything else is as written.
+    cli = build_cli(["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+                     "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
+    text = config.read_text()
+    if "name_or_path:" in text:
+        assert offline_hub, f"{config.name} names a hub model but none was requested"
+
+
+@pytest.mark.parametrize("config", TINY_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_fit_fast_dev_run_on_every_tiny_config(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build_cli(["fit", "--config", str(config), "--trainer.fast_dev_run", "2", *SMALL_TASK])
+
+
+class Interrupt(Callback):
+    """Kills the run (as Ctrl-C would) once ``step`` optimizer steps are done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def _fit(tmp_path, *extra, interrupt_at=None, ckpt_path=None):
+    args = ["--config", str(ROOT / "configs/sft/tiny.yaml"), *SMALL_TASK, "--trainer.max_epochs", "3",
+            "--data.init_args.batch_size", "8", "--model.init_args.max_new_tokens", "8",
+            "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--checkpoint.dirpath", str(tmp_path / "checkpoints"), *extra]
+    cli = build_cli(args, run=False)
+    if interrupt_at is None:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        return cli
+    cli.trainer.callbacks.append(Interrupt(interrupt_at))
+    with pytest.raises(SystemExit):  # Lightning shuts down gracefully, then exits with status 1
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    return cli
+
+
+@pytest.mark.parametrize("interrupt_at,every_n_steps", [(6, None), (9, "1")], ids=["epoch-boundary", "mid-epoch"])
+def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, interrupt_at, every_n_steps):
+    extra = ["--checkpoint.every_n_train_steps", every_n_steps] if every_n_steps else []
+    straight = _fit(tmp_path / "a", *extra)
+    interrupted = _fit(tmp_path / "b", *extra, interrupt_at=interrupt_at)
+    assert interrupted.trainer.global_step == interrupt_at and interrupted.trainer.interrupted
+    resumed = _fit(tmp_path / "b", *extra, ckpt_path="last")
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    for key in ("val/loss", "val/ppl", "train/loss"):
+        torch.testing.assert_close(straight.trainer.callback_metrics[key], resumed.trainer.callback_metrics[key])
+    assert resumed.trainer.global_step == straight.trainer.global_step == 18
+
+
+def test_fit_under_ddp_with_two_cpu_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    command = [sys.executable, "-m", "lightning_tokens.cli", "fit", "--config", str(ROOT / "configs/sft/tiny.yaml"),
+               *SMALL_TASK, "--data.init_args.batch_size", "4", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+               "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false",
+               "--trainer.limit_val_batches", "1", "--model.init_args.max_new_tokens", "4",
+               "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+               "--checkpoint.dirpath", str(tmp_path / "checkpoints")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert "world_size: 2" in result.stderr + result.stdout or "distributed_backend=gloo" in result.stderr + result.stdout
