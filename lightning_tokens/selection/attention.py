@@ -1,0 +1,158 @@
+"""The semantic-aware signal: how much attention each response token pays to its context, at one layer.
+
+The model keeps its own attention kernel (SDPA, flash) in every layer. After the training forward, the
+chosen layer's attention module is called once more on its captured inputs, under ``no_grad`` and in eval
+mode, with a probe registered in transformers' ``AttentionInterface`` standing in for the kernel. The
+probe receives the module's own query and key states (projections, rotary embeddings, norms and scaling
+already applied, so any architecture using the interface works) and stops the module there: no value
+product, no output projection. The score is then computed from them with an explicit causal + padding
+mask and a float32 softmax, one chunk of queries at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+
+from lightning_tokens.modeling import decoder_layers
+
+PROBE_NAME = "lightning_tokens_probe"
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+#: Largest number of float32 attention scores held at once (B x heads x query chunk x T): 64 MiB.
+MAX_SCORES = 1 << 24
+
+
+class _Probed(Exception):
+    """Carries the query/key states out of the attention module (and skips the rest of its forward)."""
+
+    def __init__(self, query: Tensor, key: Tensor, scaling: Optional[float], softcap: Optional[float]) -> None:
+        super().__init__()
+        self.query, self.key, self.scaling, self.softcap = query, key, scaling, softcap
+
+
+def _probe(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+           scaling: Optional[float] = None, softcap: Optional[float] = None, **kwargs) -> tuple[Tensor, None]:
+    raise _Probed(query.detach(), key.detach(), scaling, softcap)
+
+
+AttentionInterface.register(PROBE_NAME, _probe)
+
+
+def context_attention(query: Tensor, key: Tensor, attention_mask: Tensor, context: Tensor,
+                      scaling: Optional[float] = None, softcap: Optional[float] = None) -> Tensor:
+    """Head-mean attention mass from each query position to the context positions.
+
+    Args:
+        query: ``(B, H, T, D)`` query states.
+        key: ``(B, H_kv, T, D)`` key states; ``H`` must be a multiple of ``H_kv`` (grouped-query attention:
+            head ``h`` reads key head ``h // (H / H_kv)``, as transformers' ``repeat_kv``).
+        attention_mask: ``(B, T)`` 1 on real tokens, 0 on padding.
+        context: ``(B, T)`` positions counted as context (real, non-target tokens).
+        scaling: Multiplier of ``q . k``. Default ``None``: ``D ** -0.5``.
+        softcap: Tanh soft-capping of the scores (Gemma 2), if any. Default ``None``.
+
+    Returns:
+        ``(B, T)`` float32: for query ``i``, ``mean_h sum_{j <= i, context[j]} softmax_j(q_i . k_j)`` where the
+        softmax runs over real positions ``j <= i`` (a padding query attends to itself only).
+    """
+    batch, heads, length, dim = query.shape
+    groups = key.shape[1]
+    if heads % groups:
+        raise ValueError(f"{heads} query heads cannot share {groups} key heads")
+    scaling = dim ** -0.5 if scaling is None else scaling
+    q = query.float().reshape(batch, groups, heads // groups, length, dim)
+    k = key.float()[:, :, None]  # (B, G, 1, T, D)
+    valid = attention_mask.bool()[:, None, None, None, :]
+    weight = context.float()[:, None, None, None, :]
+    positions = torch.arange(length, device=query.device)
+    chunk = max(1, MAX_SCORES // max(1, batch * heads * length))
+    out = []
+    for start in range(0, length, chunk):
+        rows = positions[start:start + chunk]
+        scores = q[:, :, :, start:start + chunk] @ k.transpose(-1, -2) * scaling
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        causal = positions[None, :] <= rows[:, None]
+        allowed = (causal & valid) | (positions[None, :] == rows[:, None])
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        out.append((probs * weight).sum(-1).mean(dim=(1, 2)))
+    return torch.cat(out, dim=1)
+
+
+def attention_module(layer: nn.Module) -> nn.Module:
+    """The self-attention submodule of a decoder layer (``self_attn``, ``attn``, ...)."""
+    for name in ATTENTION_NAMES:
+        module = getattr(layer, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"cannot find the self-attention module of {type(layer).__name__} "
+                     f"(looked for {', '.join(ATTENTION_NAMES)})")
+
+
+@contextlib.contextmanager
+def _probing(module: nn.Module) -> Iterator[None]:
+    """Within: ``module`` uses the probe as its attention kernel and runs in eval mode (no dropout)."""
+    config = module.config
+    probed = copy.copy(config)
+    # Set the private field directly: the public setter would recurse into sub-configs shared with ``config``.
+    probed._attn_implementation_internal = PROBE_NAME
+    modes = [(m, m.training) for m in module.modules()]
+    module.config = probed
+    module.eval()
+    try:
+        yield
+    finally:
+        module.config = config
+        for m, mode in modes:
+            m.training = mode
+
+
+class AttentionProbe:
+    """Recomputes one decoder layer's attention to score response tokens by attention to their context.
+
+    Args:
+        model: The transformers causal LM (or a wrapper of it).
+        layer: Index of the decoder layer (negative counts from the end; ``-1`` is the last).
+        field: Name of the argument holding ``layer``, for error messages. Default ``"attention_layer"``.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, field: str = "attention_layer") -> None:
+        layers = decoder_layers(model)
+        if not -len(layers) <= layer < len(layers):
+            raise ValueError(f"{field}={layer}: the model has {len(layers)} decoder layers "
+                             f"(valid: {-len(layers)} to {len(layers) - 1})")
+        self.layer = layer % len(layers)
+        self.module = attention_module(layers[self.layer])
+        if not hasattr(self.module, "config"):
+            raise ValueError(f"{field}={layer}: {type(self.module).__name__} has no transformers config; "
+                             "the probe needs a module that uses transformers' attention interface")
+        self.key = f"selection.attention.{self.layer}"
+
+    def attach(self, dispatcher) -> None:
+        """Have ``dispatcher`` capture the attention module's inputs on every training forward."""
+        dispatcher.capture_inputs(self.module, self.key)
+
+    @torch.no_grad()
+    def scores(self, captured: dict, attention_mask: Tensor, context: Tensor) -> Tensor:
+        """``(B, T)`` context attention of every query position (see :func:`context_attention`)."""
+        if self.key not in captured:
+            raise RuntimeError(f"the inputs of decoder layer {self.layer}'s attention were not captured in this "
+                               "forward; was the model called with input_ids?")
+        args, kwargs = captured[self.key]
+        kwargs = dict(kwargs)
+        for name in ("past_key_values", "past_key_value", "layer_past"):
+            if name in kwargs:
+                kwargs[name] = None  # the training forward's cache already holds this layer's keys
+        with _probing(self.module):
+            try:
+                self.module(*args, **kwargs)
+            except _Probed as probed:
+                return context_attention(probed.query, probed.key, attention_mask, context,
+                                         probed.scaling, probed.softcap)
+        raise RuntimeError(f"{type(self.module).__name__} does not use transformers' attention interface, so its "
+                           "attention cannot be recomputed; use mode='loss' or 'random'")

@@ -1,0 +1,300 @@
+"""Where the history loss ``L_his`` (or Rho-1's reference loss) of each response token comes from.
+
+Every source answers ``token_loss(ctx) -> (B, T - 1)`` float32 cross-entropy, 0 off the targets, computed
+without gradients:
+
+- :class:`DisabledAdapters`: LoRA/QLoRA; the same model with its adapters switched off (no copy).
+- :class:`FrozenCopy`: full fine-tuning; a frozen copy of the initial weights, optionally 8-bit or 4-bit.
+- :class:`EmaWeights`: an exponential moving average of the trainable weights, swapped in for one forward.
+- :class:`Precomputed`: a per-token loss file written by ``lightning-tokens score`` (see :mod:`.scoring`).
+- :class:`ReferenceModel`: another model (Rho-1's reference model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import tempfile
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
+from lightning_tokens.token_loss import IGNORE_INDEX, TokenLossContext, per_token_loss
+
+#: Keyword arguments of a causal LM call that a history forward passes on (labels never).
+FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
+#: Rows of logits materialised at once when the output head is applied to target positions only.
+HEAD_CHUNK = 1024
+
+
+def forward_kwargs(ctx: TokenLossContext) -> dict[str, Any]:
+    """The inputs of the training forward, for a history forward of the same batch."""
+    kwargs = {key: ctx.call_kwargs[key] for key in FORWARD_KEYS if ctx.call_kwargs.get(key) is not None}
+    if "input_ids" not in kwargs and "inputs_embeds" not in kwargs and ctx.input_ids is not None:
+        kwargs["input_ids"] = ctx.input_ids
+    kwargs.setdefault("attention_mask", ctx.attention_mask)
+    return kwargs
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Within: ``model`` in eval mode (no dropout); every submodule's own mode is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+class TokenNll:
+    """Per-token cross-entropy of a causal LM on a batch, applying the output head to target positions only.
+
+    The backbone (``model.base_model``) gives hidden states; the output head turns only the target rows into
+    logits, ``HEAD_CHUNK`` rows at a time, so no ``(B, T, V)`` tensor is made. The first call checks this
+    against the model's full forward (models that post-process logits, e.g. soft-capping, differ) and uses the
+    full forward from then on if they disagree.
+    """
+
+    def __init__(self) -> None:
+        self.chunked: Optional[bool] = None
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, kwargs: dict[str, Any], labels: Tensor) -> Tensor:
+        model = causal_lm_of(model)
+        kwargs = {**kwargs, "use_cache": False}
+        if self.chunked is None:
+            full = self._full(model, kwargs, labels)
+            try:
+                chunked = self._chunked(model, kwargs, labels)
+                # Same maths up to matmul rounding (bf16: ~1e-2); post-processed logits differ far more.
+                gap = (chunked - full).abs().mean()
+                self.chunked = bool(gap <= 1e-2 * full.abs().mean() + 1e-4)
+            except (TypeError, AttributeError, ValueError):
+                self.chunked = False
+            return full
+        return self._chunked(model, kwargs, labels) if self.chunked else self._full(model, kwargs, labels)
+
+    @staticmethod
+    def _full(model: nn.Module, kwargs: dict[str, Any], labels: Tensor) -> Tensor:
+        return per_token_loss(model(**kwargs).logits, labels)[0]
+
+    @staticmethod
+    def _chunked(model: nn.Module, kwargs: dict[str, Any], labels: Tensor) -> Tensor:
+        hidden = model.base_model(**kwargs)[0]
+        head = model.get_output_embeddings()
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        rows, wanted = hidden[:, :-1][mask], targets[mask]
+        losses = [F.cross_entropy(head(rows[i:i + HEAD_CHUNK]).float(), wanted[i:i + HEAD_CHUNK], reduction="none")
+                  for i in range(0, rows.shape[0], HEAD_CHUNK)]
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+        if losses:
+            out[mask] = torch.cat(losses)
+        return out
+
+
+class HistorySource:
+    """Base of the history sources: ``token_loss`` per batch, optional per-step update and checkpoint state."""
+
+    def setup(self, model: nn.Module, pl_module: Optional[nn.Module], device: torch.device) -> None:
+        """Prepare for training ``model`` (the causal LM) inside ``pl_module`` on ``device``."""
+
+    def token_loss(self, ctx: TokenLossContext) -> Tensor:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Called once after every optimizer step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class DisabledAdapters(HistorySource):
+    """The frozen base of a PEFT model: the training model itself, run with its adapters disabled."""
+
+    def __init__(self) -> None:
+        self.peft_model: Optional[nn.Module] = None
+        self.nll = TokenNll()
+
+    def setup(self, model: nn.Module, pl_module: Optional[nn.Module], device: torch.device) -> None:
+        from peft import PeftModel
+
+        owners = [m for m in (pl_module or model).modules() if isinstance(m, PeftModel)]
+        if not owners:
+            raise ValueError("DisabledAdapters needs a PEFT model")
+        self.peft_model = owners[0]
+
+    def token_loss(self, ctx: TokenLossContext) -> Tensor:
+        with self.peft_model.disable_adapter(), eval_mode(ctx.model):
+            return self.nll(ctx.model, forward_kwargs(ctx), ctx.labels)
+
+
+def quantized_copy(model: nn.Module, quantization: str, device: torch.device) -> nn.Module:
+    """A bitsandbytes 8-bit (``"int8"``) or 4-bit (``"nf4"``, ``"fp4"``) copy of ``model``'s current weights."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quantization == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                                    bnb_4bit_compute_dtype=next(model.parameters()).dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        place = device.index if device.type == "cuda" else device.type
+        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=config, device_map={"": place},
+                                                    dtype=next(model.parameters()).dtype)
+
+
+class FrozenCopy(HistorySource):
+    """A frozen copy of the initial weights (full fine-tuning), kept as is or quantized with bitsandbytes.
+
+    Args:
+        quantization: ``None`` (same dtype as the model), ``"int8"``, ``"nf4"`` or ``"fp4"``. Default ``None``.
+    """
+
+    def __init__(self, quantization: Optional[str] = None) -> None:
+        self.quantization = quantization
+        self.model: Optional[nn.Module] = None
+        self.nll = TokenNll()
+
+    def setup(self, model: nn.Module, pl_module: Optional[nn.Module], device: torch.device) -> None:
+        model = causal_lm_of(model)
+        if self.quantization is None:
+            self.model = copy.deepcopy(model)
+        else:
+            self.model = quantized_copy(model, self.quantization, device)
+        self.model.requires_grad_(False).eval()
+
+    def token_loss(self, ctx: TokenLossContext) -> Tensor:
+        if self.quantization is None and self.model.device != ctx.logits.device:
+            self.model.to(ctx.logits.device)
+        return self.nll(self.model, forward_kwargs(ctx), ctx.labels)
+
+
+class EmaWeights(HistorySource):
+    """An exponential moving average of the trainable weights: ``theta_his <- a * theta_his + (1 - a) * theta``.
+
+    Only trainable parameters are averaged (the adapters under LoRA); frozen ones are shared with the model.
+    For a history forward the averages are swapped into the modules' parameter slots and swapped back after,
+    so the training graph's saved tensors are untouched.
+
+    Args:
+        decay: ``a``. Default ``0.99``.
+    """
+
+    def __init__(self, decay: float = 0.99) -> None:
+        self.decay = decay
+        self.params: list[nn.Parameter] = []
+        self.shadow: list[Tensor] = []
+        self.slots: list[tuple[nn.Module, str, int]] = []
+        self.updates = 0
+        self.nll = TokenNll()
+
+    def setup(self, model: nn.Module, pl_module: Optional[nn.Module], device: torch.device) -> None:
+        model = causal_lm_of(model)
+        index = {}
+        for param in model.parameters():
+            if param.requires_grad and id(param) not in index:
+                index[id(param)] = len(self.params)
+                self.params.append(param)
+        self.shadow = [p.detach().clone() for p in self.params]
+        # Every (module, name) slot holding a trainable parameter; tied weights appear in several slots.
+        self.slots = [(module, name, index[id(p)]) for module in model.modules()
+                      for name, p in module._parameters.items() if p is not None and id(p) in index]
+        self._update = get_ema_multi_avg_fn(self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Within: the modules hold the averaged weights."""
+        for module, name, i in self.slots:
+            module._parameters[name] = self.shadow[i]
+        try:
+            yield
+        finally:
+            for module, name, i in self.slots:
+                module._parameters[name] = self.params[i]
+
+    def token_loss(self, ctx: TokenLossContext) -> Tensor:
+        self._to(ctx.logits.device)
+        with self.swapped(), eval_mode(ctx.model):
+            return self.nll(ctx.model, forward_kwargs(ctx), ctx.labels)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        self._to(self.params[0].device)
+        self._update(self.shadow, [p.detach() for p in self.params], self.updates)
+        self.updates += 1
+
+    def _to(self, device: torch.device) -> None:
+        if self.shadow and self.shadow[0].device != device:
+            self.shadow = [s.to(device) for s in self.shadow]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": [s.detach().cpu() for s in self.shadow], "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError(f"TokenSelection: the checkpoint's EMA holds {len(state['shadow'])} tensors, "
+                             f"the model has {len(self.shadow)} trainable parameters")
+        device = self.shadow[0].device if self.shadow else torch.device("cpu")
+        self.shadow = [s.to(device=device, dtype=p.dtype) for s, p in zip(state["shadow"], self.params)]
+        self.updates = int(state["updates"])
+
+
+class Precomputed(HistorySource):
+    """History losses read from a file written by ``lightning-tokens score``, looked up by sample content.
+
+    Args:
+        path: The file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.table = None
+
+    def setup(self, model: nn.Module, pl_module: Optional[nn.Module], device: torch.device) -> None:
+        from lightning_tokens.selection.scoring import LossTable
+
+        self.table = LossTable.load(self.path)
+
+    def check_data(self, samples) -> None:
+        """Raise unless every ``(input_ids, labels)`` pair of ``samples`` is in the file with matching targets."""
+        self.table.check(samples)
+
+    def token_loss(self, ctx: TokenLossContext) -> Tensor:
+        return self.table.lookup(ctx.input_ids, ctx.attention_mask, ctx.labels).to(ctx.logits.device)
+
+
+class ReferenceModel(HistorySource):
+    """Rho-1's reference model, loaded from a :class:`ModelSpec` and frozen.
+
+    Args:
+        spec: The reference model. It must share the training model's tokenizer (vocabulary size is checked).
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.model: Optional[nn.Module] = None
+        self.nll = TokenNll()
+
+    def setup(self, model: nn.Module, pl_module: Optional[nn.Module], device: torch.device) -> None:
+        reference, _ = load_causal_lm(self.spec)
+        ours, theirs = causal_lm_of(model).config.vocab_size, causal_lm_of(reference).config.vocab_size
+        if ours != theirs:
+            raise ValueError(f"TokenSelection.reference: its vocabulary has {theirs} tokens, the model's {ours}; "
+                             "the reference model must use the same tokenizer")
+        self.model = reference.requires_grad_(False).eval()
+
+    def token_loss(self, ctx: TokenLossContext) -> Tensor:
+        if not getattr(causal_lm_of(self.model), "is_quantized", False) and causal_lm_of(self.model).device != ctx.logits.device:
+            self.model.to(ctx.logits.device)
+        return self.nll(self.model, forward_kwargs(ctx), ctx.labels)
