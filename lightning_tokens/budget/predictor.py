@@ -1,0 +1,190 @@
+"""BudgetPredictor: from the hidden states of every layer at a position, a Gamma over the remaining
+thinking length for each candidate next token.
+
+Input at a position: the ``N + 1`` hidden states of an ``N``-layer causal LM (the embedding output, the
+input of every later layer and the final-norm output, exactly ``output_hidden_states``), read as a short
+sequence over the layer axis. A body turns it into one feature vector; two bias-free heads with a
+softplus give shape ``alpha_v`` and rate ``lambda_v`` for a candidate ``v``. Only the head rows asked for
+are computed (the realised next token in training, the candidates when decoding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Body = Literal["transformer", "mlp", "bert"]
+
+#: BERT-base sizes, the reference's predictor body (randomly initialised, encoder only).
+BERT_BASE = dict(d_model=768, depth=12, heads=12, ffn=3072, dropout=0.1)
+
+
+@dataclass
+class PredictorConfig:
+    """Shape of a :class:`BudgetPredictor`.
+
+    Attributes:
+        hidden_size: Width ``H`` of the host LM's hidden states.
+        num_states: Hidden states per position, ``N + 1`` for an ``N``-layer LM.
+        vocab_size: Rows of each head (the LM's vocabulary size).
+        body: ``"transformer"`` (a small encoder over the layer axis read at a CLS vector), ``"mlp"``
+            (the flattened states through two layers) or ``"bert"`` (the paper's body: Linear(H -> 768) and
+            a BERT-base encoder, 12 layers, post-norm, GELU). Default ``"transformer"``.
+        d_model: Width of the body. Default ``None``: ``min(H, 512)`` rounded to a multiple of ``heads``
+            (768 for ``"bert"``).
+        depth: Encoder layers (``"transformer"``, ``"bert"``) or hidden layers (``"mlp"``). Default ``None``:
+            2 (12 for ``"bert"``).
+        heads: Attention heads of the encoder. Default ``None``: 4 when ``d_model < 256``, else 8 (12 for
+            ``"bert"``).
+        dropout: Dropout inside the body. Default ``0.0`` (0.1 for ``"bert"``, as BERT).
+        input_norm: LayerNorm (no affine) on each hidden state before the body. The residual stream's scale
+            grows with depth in real LLMs; normalising keeps the body well conditioned. Default ``True``;
+            the reference has none (``False`` under ``"bert"``).
+        layer_positions: Learned embedding of the layer index added to each state (the reference's BERT
+            encoder sees no positions). Default ``True`` (``False`` under ``"bert"``).
+    """
+
+    hidden_size: int
+    num_states: int
+    vocab_size: int
+    body: Body = "transformer"
+    d_model: Optional[int] = None
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    dropout: Optional[float] = None
+    input_norm: Optional[bool] = None
+    layer_positions: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_states", "vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"PredictorConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.body not in ("transformer", "mlp", "bert"):
+            raise ValueError(f"PredictorConfig.body must be 'transformer', 'mlp' or 'bert', got {self.body!r}")
+        bert = self.body == "bert"
+        if self.heads is None:
+            self.heads = BERT_BASE["heads"] if bert else (4 if (self.d_model or min(self.hidden_size, 512)) < 256 else 8)
+        if self.d_model is None:
+            self.d_model = BERT_BASE["d_model"] if bert else max(self.heads, min(self.hidden_size, 512) // self.heads * self.heads)
+        if self.depth is None:
+            self.depth = BERT_BASE["depth"] if bert else 2
+        if self.dropout is None:
+            self.dropout = BERT_BASE["dropout"] if bert else 0.0
+        if self.input_norm is None:
+            self.input_norm = not bert
+        if self.layer_positions is None:
+            self.layer_positions = not bert
+        if self.body != "mlp" and self.d_model % self.heads:
+            raise ValueError(f"PredictorConfig.d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
+        if self.depth < 1:
+            raise ValueError(f"PredictorConfig.depth must be >= 1, got {self.depth}")
+
+
+class BudgetPredictor(nn.Module):
+    """Remaining-length predictor of budget guidance (Gamma shape and rate per candidate next token).
+
+    Build it for a model with :meth:`for_model`, save and load it alone with :meth:`save` / :meth:`load`.
+
+    Args:
+        config: Its :class:`PredictorConfig` (a dict of its fields is accepted too).
+    """
+
+    def __init__(self, config: PredictorConfig | dict) -> None:
+        super().__init__()
+        self.config = config if isinstance(config, PredictorConfig) else PredictorConfig(**config)
+        c = self.config
+        d = c.d_model
+        self.norm = nn.LayerNorm(c.hidden_size, elementwise_affine=False) if c.input_norm else nn.Identity()
+        if c.body == "mlp":
+            layers: list[nn.Module] = [nn.Linear(c.num_states * c.hidden_size, d), nn.GELU(), nn.Dropout(c.dropout)]
+            for _ in range(c.depth - 1):
+                layers += [nn.Linear(d, d), nn.GELU(), nn.Dropout(c.dropout)]
+            self.body = nn.Sequential(*layers)
+        else:
+            self.project = nn.Linear(c.hidden_size, d)
+            self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+            self.positions = nn.Parameter(torch.zeros(1, c.num_states, d)) if c.layer_positions else None
+            ffn = BERT_BASE["ffn"] if c.body == "bert" else 4 * d
+            layer = nn.TransformerEncoderLayer(d, c.heads, ffn, c.dropout, activation="gelu", batch_first=True,
+                                               norm_first=c.body != "bert", layer_norm_eps=1e-12 if c.body == "bert" else 1e-5)
+            self.body = nn.TransformerEncoder(layer, c.depth, enable_nested_tensor=False)
+            self.final_norm = nn.LayerNorm(d) if c.body != "bert" else nn.Identity()
+        self.alpha_head = nn.Linear(d, c.vocab_size, bias=False)
+        self.rate_head = nn.Linear(d, c.vocab_size, bias=False)
+        nn.init.normal_(self.alpha_head.weight, std=0.02)
+        nn.init.normal_(self.rate_head.weight, std=0.02)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **overrides) -> "BudgetPredictor":
+        """A predictor sized for ``model`` (any transformers causal LM, PEFT-wrapped or quantized).
+
+        Args:
+            model: The host LM.
+            **overrides: Further :class:`PredictorConfig` fields (``body``, ``d_model``, ...).
+        """
+        from lightning_tokens.modeling import causal_lm_of, decoder_layers
+
+        base = causal_lm_of(model)
+        hidden = base.get_output_embeddings().in_features
+        vocab = base.get_output_embeddings().out_features
+        return cls(PredictorConfig(hidden_size=hidden, num_states=len(decoder_layers(model)) + 1, vocab_size=vocab, **overrides))
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def features(self, states: torch.Tensor) -> torch.Tensor:
+        """``(P, N + 1, H)`` hidden states to ``(P, d)`` features."""
+        c = self.config
+        if states.ndim != 3 or states.shape[1:] != (c.num_states, c.hidden_size):
+            raise ValueError(f"BudgetPredictor: expected states of shape (P, {c.num_states}, {c.hidden_size}), "
+                             f"got {tuple(states.shape)}")
+        x = self.norm(states.to(self.alpha_head.weight.dtype))
+        if c.body == "mlp":
+            return self.body(x.flatten(1))
+        x = self.project(x)
+        if self.positions is not None:
+            x = x + self.positions
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.final_norm(self.body(x)[:, 0])
+
+    def gamma(self, features: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shape and rate (fp32) for candidate tokens.
+
+        Args:
+            features: ``(P, d)`` from :meth:`features`.
+            tokens: ``(P,)`` or ``(P, K)`` candidate ids; only those head rows are computed. Default ``None``:
+                every vocabulary row, ``(P, V)``.
+        """
+        if tokens is None:
+            a, r = self.alpha_head(features), self.rate_head(features)
+        else:
+            squeeze = tokens.ndim == 1
+            idx = tokens[:, None] if squeeze else tokens
+            a = torch.einsum("pd,pkd->pk", features, F.embedding(idx, self.alpha_head.weight))
+            r = torch.einsum("pd,pkd->pk", features, F.embedding(idx, self.rate_head.weight))
+            if squeeze:
+                a, r = a[:, 0], r[:, 0]
+        return F.softplus(a.float()), F.softplus(r.float())
+
+    def forward(self, states: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha, rate)`` for hidden states ``(P, N + 1, H)`` and candidates ``tokens`` (see :meth:`gamma`)."""
+        return self.gamma(self.features(states), tokens)
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the config and weights to one file (``torch.save``); the LM is not included."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"config": asdict(self.config), "state_dict": self.state_dict()}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "BudgetPredictor":
+        """Read a predictor written by :meth:`save`."""
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        predictor = cls(PredictorConfig(**blob["config"]))
+        predictor.load_state_dict(blob["state_dict"])
+        return predictor.eval()
