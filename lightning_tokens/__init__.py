@@ -17,6 +17,8 @@ from lightning_tokens.modeling import ModelSpec, load_causal_lm
 from lightning_tokens.module import CausalLMModule
 from lightning_tokens.optim import OptimizerConfig
 from lightning_tokens.selection import TokenSelection
+from lightning_tokens.thoughts import QuietSTaRModule, thoughtful_generate
+from lightning_tokens.thoughts.data import PlainTextDataModule
 from lightning_tokens.token_loss import TokenLossCallback, TokenLossContext, TokenLossDispatcher
 
 __version__ = "0.1.0"
@@ -29,7 +31,9 @@ __all__ = [
     "CausalLMModule",
     "ModelSpec",
     "OptimizerConfig",
+    "PlainTextDataModule",
     "PredictorConfig",
+    "QuietSTaRModule",
     "ReasoningTask",
     "SFTDataModule",
     "TokenLossCallback",
@@ -43,4 +47,5 @@ __all__ = [
     "extract_answer",
     "load_causal_lm",
     "load_task_tokenizer",
+    "thoughtful_generate",
 ]

@@ -1,0 +1,26 @@
+"""Quiet-STaR: thought tokens learned from plain text, and generation that thinks before every token.
+
+- :class:`QuietSTaRModule`: the LightningModule (continued pretraining with thoughts).
+- :func:`parallel_thoughts`: every position's thoughts in one pass per token, on a KV cache (4D mask).
+- :func:`quiet_star_loss`: the paper's NLL + REINFORCE loss.
+- :func:`thoughtful_generate`: think on the KV cache, mix, emit, crop.
+"""
+
+from lightning_tokens.thoughts.generate import ThoughtfulOutput, thoughtful_generate
+from lightning_tokens.thoughts.heads import MixingHead, ThoughtEmbeddings
+from lightning_tokens.thoughts.loss import QuietSTaRLoss, next_token_targets, quiet_star_loss
+from lightning_tokens.thoughts.module import QuietSTaRModule
+from lightning_tokens.thoughts.parallel import ThoughtPasses, parallel_thoughts
+
+__all__ = [
+    "MixingHead",
+    "QuietSTaRLoss",
+    "QuietSTaRModule",
+    "ThoughtEmbeddings",
+    "ThoughtPasses",
+    "ThoughtfulOutput",
+    "next_token_targets",
+    "parallel_thoughts",
+    "quiet_star_loss",
+    "thoughtful_generate",
+]

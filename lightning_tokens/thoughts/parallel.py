@@ -1,0 +1,182 @@
+"""Parallel thought sampling: one thought after every position of a batch, all positions at once.
+
+Pass 0 reads the text. Every later pass is one forward over all ``L`` positions on a KV cache that grows
+by ``L`` keys per pass: ``<sot>``, the sampled thought tokens, ``<eot>``, then the true next tokens
+(teacher forcing of the talk steps). At pass ``k`` the query at position ``i`` attends to the text keys
+``j <= i`` and to the keys pass ``1..k`` wrote at position ``i`` (the 4D mask is ``[causal | I | ... | I]``),
+so branch ``i`` sees exactly the prefix ``x_<=i`` and its own thought: the same computation as running
+the model on ``x_<=i, <sot>, t_1, ..., <eot>, x_i+1, ...`` as one sequence. Position ids advance by one per
+pass (thought token ``k`` of branch ``i`` sits at position ``i + k``).
+
+The text pass runs once on ``B`` rows; its cache is then repeated for the ``n_thoughts`` thoughts of each
+row (``B * n`` rows after it, thought ``k`` of row ``b`` at row ``b * n + k``).
+
+Pass count for ``thought_length`` sampled tokens and ``n_ahead_talk`` talk steps:
+``1 + 1 + thought_length + 1 + (n_ahead_talk - 1) = thought_length + n_ahead_talk + 2``, the reference's
+``n_ahead + n_ahead_talk - 1`` with ``n_ahead = thought_length + 3``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass
+class ThoughtPasses:
+    """Hidden states of one parallel thought forward (``n`` = thoughts per row, ``d`` = hidden size).
+
+    Attributes:
+        base_hidden: ``(B, L, d)`` final hidden states of the text pass (position ``i`` predicts ``x_i+1``).
+        thought_hidden: ``thought_length`` tensors ``(B * n, L, d)``: the states thought token ``k`` was
+            sampled from (after ``<sot>``, ``t_1``, ...).
+        thought_tokens: ``(B * n, L, thought_length)`` sampled thought tokens (detached).
+        talk_hidden: ``n_ahead_talk`` tensors ``(B * n, L, d)``: talk step ``s`` at position ``i`` predicts
+            ``x_i+1+s`` after the thought (step 0 follows ``<eot>``, step ``s`` has read ``x_i+1..x_i+s``).
+    """
+
+    base_hidden: Tensor
+    thought_hidden: list[Tensor]
+    thought_tokens: Tensor
+    talk_hidden: list[Tensor]
+
+
+def backbone_of(lm: PreTrainedModel) -> nn.Module:
+    """The decoder stack of a causal LM (``LlamaModel``, ``GPT2Model``...), which returns final hidden states."""
+    return getattr(lm, lm.base_model_prefix)
+
+
+def check_supported(lm: PreTrainedModel) -> None:
+    """Raise a clear error for settings the thought passes cannot run under."""
+    implementation = getattr(lm.config, "_attn_implementation", None)
+    if implementation is not None and "flash" in implementation:
+        raise ValueError(f"Quiet-STaR: attn_implementation {implementation!r} cannot take the 4D thought mask; "
+                         "use ModelSpec.attn_implementation 'sdpa' or 'eager'")
+    checkpointing = getattr(type(lm), "is_activation_checkpointing", None) or getattr(type(lm), "is_gradient_checkpointing", None)
+    if checkpointing is not None and checkpointing.fget(lm):
+        raise ValueError("Quiet-STaR: gradient checkpointing turns the KV cache off, and every thought pass "
+                         "reads it; set ModelSpec.gradient_checkpointing to false")
+
+
+def positions_of(attention_mask: Tensor) -> Tensor:
+    """``(B, L)`` position ids that skip left padding (0 at each row's first real token)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def text_mask(attention_mask: Tensor, sliding_window: Optional[int] = None) -> Tensor:
+    """``(B, L, L)`` bool: query ``i`` may read key ``j`` (causal, real keys; always itself, so no row is empty)."""
+    length = attention_mask.shape[-1]
+    index = torch.arange(length, device=attention_mask.device)
+    allowed = (index[None, :] <= index[:, None])[None] & attention_mask.bool()[:, None, :]
+    if sliding_window is not None:
+        allowed &= (index[:, None] - index[None, :] < sliding_window)[None]
+    return allowed | torch.eye(length, dtype=torch.bool, device=attention_mask.device)[None]
+
+
+def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A ``(B, 1, Q, K)`` additive mask (0 where allowed, the dtype's minimum elsewhere) for sdpa and eager."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+def _sliding_window(lm: PreTrainedModel, length: int) -> Optional[int]:
+    window = getattr(lm.config, "sliding_window", None)
+    if window is None or getattr(lm.config, "use_sliding_window", True) is False:
+        return None
+    return window if length > window else None
+
+
+def sample_tokens(logits: Tensor, temperature: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """An exact sample from ``softmax(logits / temperature)`` (Gumbel-max), or the argmax at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    uniform = torch.rand(logits.shape, device=logits.device, generator=generator, dtype=torch.float32)
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+    return (logits.float() / temperature + gumbel).argmax(-1)
+
+
+def forbid(logits: Tensor, token_ids: Tensor) -> Tensor:
+    """``logits`` with the given vocabulary entries at ``-inf`` (a copy; the input is left alone)."""
+    return logits.index_fill(-1, token_ids, float("-inf"))
+
+
+def parallel_thoughts(
+    lm: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    start_embedding: Tensor,
+    end_embedding: Tensor,
+    forbidden_ids: Tensor,
+    n_thoughts: int,
+    thought_length: int,
+    n_ahead_talk: int,
+    temperature: float = 1.0,
+    pad_token_id: int = 0,
+    generator: Optional[torch.Generator] = None,
+) -> ThoughtPasses:
+    """Run the text pass and every thought and talk pass of Quiet-STaR for all positions at once.
+
+    Args:
+        lm: The transformers causal LM (a PEFT model's inner model; LoRA layers stay active).
+        input_ids: ``(B, L)`` token ids.
+        attention_mask: ``(B, L)`` 1 on real tokens.
+        start_embedding: ``(d,)`` embedding fed as ``<sot>``.
+        end_embedding: ``(d,)`` embedding fed as ``<eot>``.
+        forbidden_ids: Token ids never sampled inside a thought (the start and end tokens).
+        n_thoughts: Thoughts per position.
+        thought_length: Sampled tokens per thought, between ``<sot>`` and ``<eot>``.
+        n_ahead_talk: Talk steps (true tokens predicted after each thought).
+        temperature: Sampling temperature of thought tokens; 0 takes the argmax. Default ``1.0``.
+        pad_token_id: Id fed where a talk step runs past the end of a row. Default ``0``.
+        generator: Random generator of the samples. Default ``None`` (the global one).
+    """
+    check_supported(lm)
+    backbone, head, embed = backbone_of(lm), lm.get_output_embeddings(), lm.get_input_embeddings()
+    batch, length = input_ids.shape
+    n = n_thoughts
+    positions = positions_of(attention_mask)
+    allowed = text_mask(attention_mask, _sliding_window(lm, length))
+    embeds = embed(input_ids)
+    dtype = embeds.dtype
+    cache = DynamicCache()
+
+    def step(inputs: Tensor, mask: Tensor, position_ids: Tensor) -> Tensor:
+        out = backbone(inputs_embeds=inputs, attention_mask=additive(mask, dtype), position_ids=position_ids,
+                       past_key_values=cache, use_cache=True)
+        return out.last_hidden_state
+
+    base_hidden = step(embeds, allowed, positions)
+    cache.batch_repeat_interleave(n)
+    allowed = allowed.repeat_interleave(n, 0)
+    positions = positions.repeat_interleave(n, 0)
+    eye = torch.eye(length, dtype=torch.bool, device=input_ids.device).expand(batch * n, length, length)
+
+    def thought_step(inputs: Tensor, pass_index: int) -> Tensor:
+        mask = torch.cat([allowed, *([eye] * pass_index)], dim=-1)
+        return step(inputs, mask, positions + pass_index)
+
+    rows = batch * n
+    thought_hidden: list[Tensor] = []
+    tokens: list[Tensor] = []
+    inputs = start_embedding.to(dtype).expand(rows, length, -1)
+    for pass_index in range(1, thought_length + 2):
+        hidden = thought_step(inputs, pass_index)
+        if pass_index > thought_length:
+            break  # the last sampled token is read; <eot> comes next
+        thought_hidden.append(hidden)
+        with torch.no_grad():
+            token = sample_tokens(forbid(head(hidden), forbidden_ids), temperature, generator)
+        tokens.append(token)
+        inputs = embed(token)
+    pass_index = thought_length + 2
+    talk_hidden = [thought_step(end_embedding.to(dtype).expand(rows, length, -1), pass_index)]
+    repeated_ids = input_ids.repeat_interleave(n, 0)
+    for shift in range(1, n_ahead_talk):
+        shifted = torch.nn.functional.pad(repeated_ids[:, shift:], (0, shift), value=pad_token_id)
+        talk_hidden.append(thought_step(embed(shifted), pass_index + shift))
+    thought_tokens = torch.stack(tokens, -1) if tokens else input_ids.new_zeros(rows, length, 0)
+    return ThoughtPasses(base_hidden, thought_hidden, thought_tokens, talk_hidden)
