@@ -85,7 +85,6 @@ def main() -> None:
                enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0).fit(sft, data)
     model_dir = sft.export(out / "sft-model")
     model, tokenizer = sft.model.eval(), sft.tokenizer
-    device = next(model.parameters()).device
     model.to("cuda" if torch.cuda.is_available() else "cpu")
 
     # 2. its own traces, then the predictor

@@ -26,7 +26,9 @@ def tiny_config(model_type: str = "llama", **overrides) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    # Lightning may change the thread count of the process it runs in; every test starts from one.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
 

@@ -27,15 +27,6 @@ from lightning_tokens.data.records import Record
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads make tiny ops many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lm():
     model, tokenizer = load_causal_lm(ModelSpec(config=tiny_config("llama")))

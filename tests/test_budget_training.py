@@ -19,15 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TASK = dict(num_train=24, num_val=8, style="mixed")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads make tiny ops many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_data(**kwargs):
     return TraceDataModule(task=ReasoningTask(**TASK), max_length=kwargs.pop("max_length", 64), batch_size=4, **kwargs)
 

@@ -17,14 +17,6 @@ from lightning_tokens.thoughts.parallel import sample_tokens
 THOUGHT_LENGTH, TALK, N_THOUGHTS = 3, 3, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared CPU wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # float64 models; eager attention takes its softmax in float32 (transformers), hence the tolerance
 TOL = dict(rtol=1e-5, atol=1e-6)
 

@@ -20,14 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "quiet-star"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tiny_config_builds_and_runs_a_step(tmp_path):
     cli = build_cli(["--config", str(CONFIGS / "tiny.yaml"), "--trainer.fast_dev_run", "1",
                      "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),

@@ -12,14 +12,6 @@ from lightning_tokens.thoughts import QuietSTaRModule
 THOUGHT_LENGTH = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_module(model_type: str = "llama") -> QuietSTaRModule:
     spec = ModelSpec(config=tiny_config(model_type), dtype="float64")
     module = QuietSTaRModule(spec, thought_length=THOUGHT_LENGTH, n_ahead_talk=2, max_new_tokens=5)

@@ -24,14 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_thoughts=2, thought_length=2, n_ahead_talk=2, max_new_tokens=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def data() -> SFTDataModule:
     return SFTDataModule(task=ReasoningTask(num_train=8, num_val=4), batch_size=4, max_length=40)
 
