@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from lightning_tokens.data.encode import encode_record, pad
 from lightning_tokens.data.module import EpochSeededSampler
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, ReasoningTask
-from lightning_tokens.data.records import READERS, DataError, Record, check_record, from_dicts
+from lightning_tokens.data.records import DataError, Record, check_record, from_dicts, read_file
 
 
 def think_token_id(tokenizer: PreTrainedTokenizerBase, token: str, field_name: str) -> int:
@@ -111,23 +111,16 @@ def encode_traces(records: list[Record], tokenizer: PreTrainedTokenizerBase, max
     return samples, report
 
 
+def _check_trace(record: Record) -> Record:
+    fields = record.fields
+    empty = isinstance(fields, dict) and isinstance(fields.get("prompt"), str) and fields.get("completion") == ""
+    return record if empty else check_record(record)
+
+
 def read_traces(path: str | Path) -> list[Record]:
     """Trace records of a ``.jsonl``/``.json``/``.parquet`` file. Unlike SFT files, an empty completion (a model
     that stopped at once) is accepted: it has no ``</think>``, so :func:`encode_traces` skips and counts it."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unknown extension {path.suffix!r} (use {', '.join(READERS)})")
-    records = []
-    for record in reader(path):
-        fields = record.fields
-        empty = isinstance(fields, dict) and isinstance(fields.get("prompt"), str) and fields.get("completion") == ""
-        records.append(record if empty else check_record(record))
-    if not records:
-        raise DataError(f"{path}: the file holds no records")
-    return records
+    return read_file(path, check=_check_trace)
 
 
 def collate_traces(samples: list[TraceSample], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 
 class DataError(ValueError):
@@ -60,15 +60,22 @@ def _parquet(path: Path) -> Iterator[Record]:
 READERS = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet}
 
 
-def read_file(path: str | Path) -> list[Record]:
-    """All records of a ``.jsonl``, ``.json`` or ``.parquet`` file, each checked by :func:`check_record`."""
+def read_file(path: str | Path, check: Optional[Callable[[Record], Record]] = None) -> list[Record]:
+    """All records of a ``.jsonl``, ``.json`` or ``.parquet`` file.
+
+    Args:
+        path: The file.
+        check: Validates one record and returns it, or raises :class:`DataError`. Default
+            :func:`check_record` (SFT records).
+    """
+    check = check or check_record
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unknown extension {path.suffix!r} (use {', '.join(READERS)})")
-    records = [check_record(record) for record in reader(path)]
+    records = [check(record) for record in reader(path)]
     if not records:
         raise DataError(f"{path}: the file holds no records")
     return records
