@@ -218,6 +218,21 @@ def load_causal_lm(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerBase]
     return model, tokenizer
 
 
+def load_frozen_causal_lm(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The model of ``spec`` for inference only: every weight frozen, eval mode.
+
+    Unlike :func:`load_causal_lm`, a quantized base needs no ``lora`` section here (nothing trains). Used for
+    reference and frozen models (Rho-1's reference, budget guidance's LM).
+    """
+    if spec.lora is not None:
+        model, tokenizer = load_causal_lm(spec)
+    else:
+        tokenizer = load_tokenizer(spec)
+        model = _build_base(spec, tokenizer)
+    model.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
 def causal_lm_of(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside ``model`` (itself, or the base model of a PEFT wrapper)."""
     for module in model.modules():

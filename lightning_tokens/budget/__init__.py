@@ -11,7 +11,7 @@ from lightning_tokens.budget.data import TraceDataModule, encode_traces, remaini
 from lightning_tokens.budget.forcing import BudgetForcing
 from lightning_tokens.budget.gamma import decoded_mode, gamma_cdf, gamma_nll
 from lightning_tokens.budget.guidance import BudgetGuidanceLogitsProcessor, estimate_thinking_length, guidance_weights
-from lightning_tokens.budget.module import BudgetPredictorModule, load_frozen_lm
+from lightning_tokens.budget.module import BudgetPredictorModule
 from lightning_tokens.budget.predictor import BudgetPredictor, PredictorConfig
 from lightning_tokens.budget.traces import collect_main, collect_traces
 
@@ -31,6 +31,5 @@ __all__ = [
     "gamma_cdf",
     "gamma_nll",
     "guidance_weights",
-    "load_frozen_lm",
     "remaining_lengths",
 ]

@@ -6,27 +6,13 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningModule
-from torch import nn
 from torchmetrics import MeanMetric
 
 from lightning_tokens.budget.capture import HiddenStateCapture, decoder_stack
 from lightning_tokens.budget.gamma import decoded_mode, encode_length, gamma_cdf, gamma_nll
 from lightning_tokens.budget.predictor import BudgetPredictor
-from lightning_tokens.modeling import ModelSpec, load_causal_lm, load_tokenizer
+from lightning_tokens.modeling import ModelSpec, load_frozen_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
-
-
-def load_frozen_lm(spec: ModelSpec) -> tuple[nn.Module, Any]:
-    """The LM of ``spec`` with every weight frozen and in eval mode (quantized bases need no LoRA here)."""
-    if spec.lora is not None:
-        model, tokenizer = load_causal_lm(spec)
-    else:
-        from lightning_tokens.modeling import _build_base
-
-        tokenizer = load_tokenizer(spec)
-        model = _build_base(spec, tokenizer)
-    model.requires_grad_(False)
-    return model.eval(), tokenizer
 
 
 class BudgetPredictorModule(LightningModule):
@@ -60,7 +46,7 @@ class BudgetPredictorModule(LightningModule):
         self.spec = model if model is not None else ModelSpec()
         self.optim = optimizer if optimizer is not None else OptimizerConfig(lr=1e-4, warmup=0.05, schedule="constant")
         self.window, self.predictor_path = window, predictor_path
-        self.model, self.tokenizer = load_frozen_lm(self.spec)
+        self.model, self.tokenizer = load_frozen_causal_lm(self.spec)
         self.predictor = BudgetPredictor.for_model(self.model, **(predictor or {}))
         self.strict_loading = False  # checkpoints hold the predictor only
         self.val_loss, self.val_abs_error = MeanMetric(), MeanMetric()

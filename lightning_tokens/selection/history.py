@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
+from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_frozen_causal_lm
 from lightning_tokens.token_loss import IGNORE_INDEX, TokenLossContext, per_token_loss
 
 #: Keyword arguments of a causal LM call that a history forward passes on (labels never).
@@ -287,7 +287,7 @@ class ReferenceModel(HistorySource):
         self.nll = TokenNll()
 
     def setup(self, model: nn.Module, pl_module: Optional[nn.Module], device: torch.device) -> None:
-        reference, _ = load_causal_lm(self.spec)
+        reference, _ = load_frozen_causal_lm(self.spec)
         ours, theirs = causal_lm_of(model).config.vocab_size, causal_lm_of(reference).config.vocab_size
         if ours != theirs:
             raise ValueError(f"TokenSelection.reference: its vocabulary has {theirs} tokens, the model's {ours}; "
