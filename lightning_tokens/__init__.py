@@ -11,6 +11,13 @@ from lightning_tokens.budget import (
     estimate_thinking_length,
 )
 from lightning_tokens.data.module import SFTDataModule
+from lightning_tokens.heads import (
+    ConceptAwareFineTuning,
+    MultiTokenHeads,
+    MultiTokenHeadsModule,
+    generate_with_heads,
+    self_distill,
+)
 from lightning_tokens.data.reasoning_task import ReasoningTask, check_answer, extract_answer
 from lightning_tokens.data.tokenizer import load_task_tokenizer
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
@@ -29,7 +36,10 @@ __all__ = [
     "BudgetPredictor",
     "BudgetPredictorModule",
     "CausalLMModule",
+    "ConceptAwareFineTuning",
     "ModelSpec",
+    "MultiTokenHeads",
+    "MultiTokenHeadsModule",
     "OptimizerConfig",
     "PlainTextDataModule",
     "PredictorConfig",
@@ -45,7 +55,9 @@ __all__ = [
     "collect_traces",
     "estimate_thinking_length",
     "extract_answer",
+    "generate_with_heads",
     "load_causal_lm",
     "load_task_tokenizer",
+    "self_distill",
     "thoughtful_generate",
 ]

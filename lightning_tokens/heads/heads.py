@@ -1,0 +1,332 @@
+"""MultiTokenHeads: K auxiliary heads on a causal LM's trunk; head k predicts the token k places past the main head's.
+
+The trunk output is the input of the model's last decoder layer. A ``"layer"`` head is a copy of that last
+layer (so with the main head the model gets K + 1 parallel last layers, as in Gloeckle et al. 2024); a
+``"resblock"`` head is Medusa's ``x + SiLU(W x)`` with ``W`` zero-initialised. Every head then goes through the
+model's own final norm and unembedding (shared ``lm_head`` by default, or a private copy of it).
+
+Layer heads are always called with an explicit causal + padding mask (an additive float mask, which eager and
+SDPA attention both accept) and with the rotary embeddings the model itself computed for its last layer, so
+they are causal whatever attention implementation the model uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_tokens.modeling import causal_lm_of, decoder_layers
+
+Architecture = Literal["layer", "resblock"]
+WEIGHTS_NAME = "heads.safetensors"
+CONFIG_NAME = "heads_config.json"
+_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
+
+
+class ResBlock(nn.Module):
+    """Medusa's residual block ``x + SiLU(W x + b)``; ``W`` starts at zero, so the block starts as the identity.
+
+    Args:
+        hidden_size: Width of ``x`` (the model's hidden size). No default.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.act(self.linear(x))
+
+
+@dataclass
+class Trunk:
+    """What the heads read: the input of the model's last decoder layer, and its positions.
+
+    Attributes:
+        hidden: ``(B, T, D)`` input hidden states of the last decoder layer.
+        position_embeddings: The rotary ``(cos, sin)`` the model gave its layers, or ``None`` (gpt2).
+        position_ids: ``(B, T)`` position ids the layer received, or ``None``.
+    """
+
+    hidden: Tensor
+    position_embeddings: Optional[tuple[Tensor, Tensor]] = None
+    position_ids: Optional[Tensor] = None
+
+    @classmethod
+    def from_call(cls, args: tuple, kwargs: dict) -> "Trunk":
+        """The trunk from the ``(args, kwargs)`` of a decoder-layer call."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return cls(hidden, kwargs.get("position_embeddings"), kwargs.get("position_ids"))
+
+    def detach(self) -> "Trunk":
+        pe = self.position_embeddings
+        return Trunk(self.hidden.detach(), None if pe is None else tuple(p.detach() for p in pe), self.position_ids)
+
+    def narrow(self, start: int, length: int) -> "Trunk":
+        """The trunk at positions ``start .. start + length - 1``."""
+        pe = self.position_embeddings
+        if pe is not None:
+            pe = tuple(p.narrow(-2, start, length) if p.shape[-2] == self.hidden.shape[1] else p for p in pe)
+        ids = self.position_ids
+        if ids is not None and ids.shape[-1] == self.hidden.shape[1]:
+            ids = ids.narrow(-1, start, length)
+        return Trunk(self.hidden.narrow(1, start, length), pe, ids)
+
+
+@contextmanager
+def capture_trunk(model: nn.Module) -> Iterator[dict[str, Trunk]]:
+    """Record the :class:`Trunk` of ``model``'s forwards inside the block as ``holder["trunk"]`` (the last call)."""
+    holder: dict[str, Trunk] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        holder["trunk"] = Trunk.from_call(args, kwargs)
+
+    handle = decoder_layers(model)[-1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield holder
+    finally:
+        handle.remove()
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The final norm of a causal LM (``model.norm``, ``transformer.ln_f``, ...), or the identity if it has none."""
+    inner = causal_lm_of(model).base_model
+    for name in _NORM_NAMES:
+        module = getattr(inner, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return nn.Identity()
+
+
+def causal_additive_mask(attention_mask: Optional[Tensor], query_length: int, past_length: int,
+                         dtype: torch.dtype, device: torch.device, batch_size: int = 1) -> Tensor:
+    """``(B, 1, q, past + q)`` additive mask: 0 where a query may attend, the dtype's minimum elsewhere.
+
+    A query sees keys at or before its own position that are not padding; it always sees itself, so no row
+    is empty (padding queries give finite, unused outputs instead of NaN).
+
+    Args:
+        attention_mask: ``(B, past + q)`` 1 on real tokens, or ``None`` for no padding.
+        query_length: Number of queries ``q`` (the last ``q`` positions).
+        past_length: Number of cached positions before the queries.
+        dtype: Dtype of the mask (that of the attention scores).
+        device: Its device.
+        batch_size: ``B`` when ``attention_mask`` is ``None``. Default ``1``.
+    """
+    total = past_length + query_length
+    query_pos = torch.arange(past_length, total, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
+    allowed = (key_pos <= query_pos)[None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, :total].bool()
+    else:
+        allowed = allowed.expand(batch_size, -1, -1)
+    allowed = allowed | (key_pos == query_pos)[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _source_weight(module: nn.Module) -> Tensor:
+    """A linear module's weight in full precision, through PEFT wrappers and bitsandbytes quantization."""
+    module = getattr(module, "base_layer", module)
+    weight = module.weight
+    if type(weight).__name__ in ("Params4bit", "Int8Params"):
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(module)
+    return weight
+
+
+def _copy_from_layer(target: nn.Module, source: nn.Module) -> None:
+    """Copy ``source``'s base weights into ``target`` (same class); LoRA adapters and quantization are undone."""
+    with torch.no_grad():
+        for name, param in target.named_parameters():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = source.get_submodule(owner_name) if owner_name else source
+            owner = getattr(owner, "base_layer", owner)
+            value = _source_weight(owner) if leaf == "weight" else getattr(owner, leaf)
+            if value.shape != param.shape and value.numel() == param.numel():
+                value = value.reshape(param.shape)  # gpt2 Conv1D stores the same weights
+            param.copy_(value.to(param.dtype))
+
+
+class MultiTokenHeads(nn.Module):
+    """K auxiliary heads; head ``k`` (1..K) at position ``t`` predicts the token at ``t + 1 + k``.
+
+    The heads are built for one causal LM and read its trunk (the input of its last decoder layer, see
+    :class:`Trunk`); the model's final norm and ``lm_head`` are used but never registered here, so the heads'
+    ``state_dict`` holds the heads alone. Move them with ``.to()`` like any module.
+
+    Args:
+        model: The causal LM (plain, PEFT-wrapped or quantized) whose trunk the heads read.
+        num_heads: Number of auxiliary heads K (paper: ``caft_num_heads``). Default ``4``.
+        architecture: ``"layer"``, a copy of the model's last decoder layer (reference code: ``head_arch=
+            "transformer"``); or ``"resblock"``, Medusa's ``x + SiLU(W x)`` with ``W`` zero-initialised
+            (reference code: ``"linear"``). Default ``"layer"``.
+        separate_unembedding: Give every head its own unembedding initialised from ``lm_head`` instead of
+            sharing it (K more vocabulary-sized matrices). Default ``False``.
+        init_from_model: Initialise layer heads with the last layer's weights (dequantized, LoRA left out).
+            Default ``True``; ``False`` when the weights will be loaded anyway.
+    """
+
+    def __init__(self, model: nn.Module, num_heads: int = 4, architecture: Architecture = "layer",
+                 separate_unembedding: bool = False, init_from_model: bool = True) -> None:
+        super().__init__()
+        if not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"MultiTokenHeads.num_heads must be a positive integer, got {num_heads!r}")
+        if architecture not in ("layer", "resblock"):
+            raise ValueError(f"MultiTokenHeads.architecture must be 'layer' or 'resblock', got {architecture!r}")
+        base = causal_lm_of(model)
+        lm_head = base.get_output_embeddings()
+        vocab_size, hidden_size = lm_head.weight.shape[0], lm_head.weight.shape[-1]
+        dtype = lm_head.weight.dtype if lm_head.weight.is_floating_point() else torch.float32
+        self.num_heads, self.architecture, self.separate_unembedding = num_heads, architecture, separate_unembedding
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        last = decoder_layers(base)[-1]
+        self.layer_index = len(decoder_layers(base)) - 1
+        blocks = []
+        for _ in range(num_heads):
+            if architecture == "resblock":
+                blocks.append(ResBlock(hidden_size))
+                continue
+            block = type(last)(base.config, self.layer_index)
+            if init_from_model:
+                _copy_from_layer(block, last)
+            blocks.append(block)
+        self.blocks = nn.ModuleList(blocks).to(dtype=dtype, device=lm_head.weight.device)
+        self.unembeddings: Optional[nn.ModuleList] = None
+        if separate_unembedding:
+            heads = []
+            for _ in range(num_heads):
+                linear = nn.Linear(hidden_size, vocab_size, bias=False, dtype=dtype, device=lm_head.weight.device)
+                with torch.no_grad():
+                    linear.weight.copy_(lm_head.weight)
+                heads.append(linear)
+            self.unembeddings = nn.ModuleList(heads)
+        self.model_type = getattr(base.config, "model_type", None)
+        self.layer_class = type(last).__name__
+
+    # -- description -----------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """What is needed to rebuild these heads for a model (written next to the weights)."""
+        return dict(num_heads=self.num_heads, architecture=self.architecture,
+                    separate_unembedding=self.separate_unembedding, hidden_size=self.hidden_size,
+                    vocab_size=self.vocab_size, model_type=self.model_type, layer_class=self.layer_class)
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def head_states(self, k: int, trunk: Trunk, attention_mask: Optional[Tensor] = None,
+                    cache: Any = None, past_length: int = 0) -> Tensor:
+        """Hidden states of head ``k`` (1-based) over the trunk, before the final norm: ``(B, T, D)``.
+
+        Args:
+            k: Head number, ``1..num_heads``.
+            trunk: The trunk of the positions to run.
+            attention_mask: ``(B, past_length + T)`` padding mask, or ``None``.
+            cache: A transformers ``Cache`` of this head's own past keys/values (decoding), or ``None``.
+            past_length: Positions already in ``cache``.
+        """
+        block = self.blocks[k - 1]
+        dtype = next(block.parameters()).dtype
+        hidden = trunk.hidden.to(dtype)
+        if self.architecture == "resblock":
+            return block(hidden)
+        batch, length = hidden.shape[:2]
+        mask = causal_additive_mask(attention_mask, length, past_length, dtype, hidden.device, batch)
+        kwargs: dict[str, Any] = dict(attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
+        if trunk.position_embeddings is not None:
+            kwargs["position_embeddings"] = tuple(p.to(dtype) for p in trunk.position_embeddings)
+        if trunk.position_ids is not None:
+            kwargs["position_ids"] = trunk.position_ids
+        out = block(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def project(self, model: nn.Module, k: int, states: Tensor) -> Tensor:
+        """Logits of head ``k`` from its hidden states (any leading shape): final norm, then unembedding."""
+        base = causal_lm_of(model)
+        norm = final_norm(base)
+        normed = norm(states.to(_param_dtype(norm, states.dtype)))
+        unembedding = self.unembeddings[k - 1] if self.unembeddings is not None else base.get_output_embeddings()
+        return unembedding(normed.to(_param_dtype(unembedding, normed.dtype)))
+
+    def forward(self, model: nn.Module, trunk: Trunk, attention_mask: Optional[Tensor] = None) -> list[Tensor]:
+        """Full logits ``(B, T, V)`` of every head, a list of K. For inspection and tests: training should use
+        :func:`~lightning_tokens.heads.loss.head_losses`, which never builds them."""
+        return [self.project(model, k, self.head_states(k, trunk, attention_mask)) for k in range(1, self.num_heads + 1)]
+
+    # -- saving ----------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the heads alone to directory ``path``: ``heads.safetensors`` and ``heads_config.json``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        for name, content in ((WEIGHTS_NAME, None), (CONFIG_NAME, json.dumps(self.config, indent=2))):
+            fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
+            os.close(fd)
+            try:
+                if content is None:
+                    save_file(tensors, tmp, metadata={"format": "pt"})
+                else:
+                    Path(tmp).write_text(content)
+                os.replace(tmp, path / name)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module) -> "MultiTokenHeads":
+        """Heads saved by :meth:`save`, rebuilt for ``model``; keys and shapes must match exactly.
+
+        Raises:
+            FileNotFoundError: ``path`` lacks ``heads.safetensors`` or ``heads_config.json``.
+            ValueError: The saved heads do not fit ``model`` (names the key and both shapes).
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"MultiTokenHeads.load: {path / name} does not exist")
+        config = json.loads((path / CONFIG_NAME).read_text())
+        try:
+            heads = cls(model, num_heads=config["num_heads"], architecture=config["architecture"],
+                        separate_unembedding=config["separate_unembedding"], init_from_model=False)
+        except KeyError as error:
+            raise ValueError(f"MultiTokenHeads.load: {path / CONFIG_NAME} lacks the field {error}") from None
+        for field_name in ("hidden_size", "vocab_size"):
+            if config.get(field_name) is not None and config[field_name] != getattr(heads, field_name):
+                raise ValueError(f"MultiTokenHeads.load: {path} was saved for {field_name}={config[field_name]}, "
+                                 f"the model has {getattr(heads, field_name)}")
+        saved = load_file(str(path / WEIGHTS_NAME))
+        expected = heads.state_dict()
+        missing = sorted(set(expected) - set(saved))
+        unexpected = sorted(set(saved) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"MultiTokenHeads.load: {path / WEIGHTS_NAME} does not match the model's heads: "
+                             f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        for key, tensor in saved.items():
+            if tensor.shape != expected[key].shape:
+                raise ValueError(f"MultiTokenHeads.load: {key} has shape {tuple(tensor.shape)} in {path / WEIGHTS_NAME}, "
+                                 f"the model's heads need {tuple(expected[key].shape)}")
+        heads.load_state_dict(saved)
+        return heads
+
+
+def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return default
