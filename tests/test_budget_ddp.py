@@ -27,5 +27,5 @@ def test_ddp_training_with_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed_backend=gloo" in result.stderr + result.stdout
     assert BudgetPredictor.load(out).config.num_states == 5  # the tiny llama's 4 layers + 1
-    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 2

@@ -69,9 +69,9 @@ def test_training_keeps_the_lm_frozen_and_checkpoints_hold_the_predictor(tmp_pat
     assert not all(torch.equal(v, module.predictor.state_dict()[k]) for k, v in predictor_before.items())
     assert all(p.grad is None for p in module.model.parameters())
     checkpoint = next(tmp_path.rglob("*.ckpt"))
-    keys = torch.load(checkpoint, weights_only=False)["state_dict"].keys()
+    keys = torch.load(checkpoint, weights_only=True)["state_dict"].keys()
     assert keys and all(k.startswith("predictor.") for k in keys)
-    restored = BudgetPredictorModule.load_from_checkpoint(checkpoint, weights_only=False)
+    restored = BudgetPredictorModule.load_from_checkpoint(checkpoint, weights_only=True)
     saved = BudgetPredictor.load(tmp_path / "p.pt")
     for name, value in module.predictor.state_dict().items():
         assert torch.equal(restored.predictor.state_dict()[name], value)

@@ -114,6 +114,6 @@ def test_fit_under_ddp_with_two_cpu_processes(tmp_path):
                "--checkpoint.dirpath", str(tmp_path / "checkpoints")]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 3
     assert "world_size: 2" in result.stderr + result.stdout or "distributed_backend=gloo" in result.stderr + result.stdout

@@ -71,7 +71,7 @@ def test_stage1_trains_heads_only_and_writes_them(tmp_path):
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, module.heads.state_dict()[name]), name
     run.save_checkpoint(tmp_path / "stage1.ckpt")
-    state = torch.load(tmp_path / "stage1.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "stage1.ckpt", weights_only=True)["state_dict"]
     assert state and all(key.startswith(("heads.", "val_")) for key in state)  # the heads, not the base
 
 
@@ -228,7 +228,7 @@ def test_heads_and_schedule_state_survive_checkpoint_resume(tmp_path):
 
     module, resumed = build()
     trainer(max_steps=4, callbacks=[resumed, Probe()]).fit(module, datamodule=task_data(),
-                                                           ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), weights_only=False)
+                                                           ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), weights_only=True)
     for name, tensor in seen["heads"].items():
         assert torch.equal(tensor, trained[name]), name
     assert seen["total"] == 3 and seen["step"] == 2  # the schedule keeps the first run's length

@@ -68,7 +68,7 @@ def test_checkpoint_keeps_thought_embeddings_head_and_rows(tmp_path):
     assert "val/exact_match" in run.callback_metrics and "val/mixed_nll" in run.callback_metrics
     path = tmp_path / "quiet.ckpt"
     run.save_checkpoint(path)
-    loaded = QuietSTaRModule.load_from_checkpoint(path, weights_only=False)  # hparams hold a ModelSpec
+    loaded = QuietSTaRModule.load_from_checkpoint(path, weights_only=True)
     torch.testing.assert_close(loaded.thought_embeddings.scaled, module.thought_embeddings.scaled, rtol=0, atol=0)
     for name, value in module.mixing_head.state_dict().items():
         assert torch.equal(loaded.mixing_head.state_dict()[name], value)

@@ -85,6 +85,10 @@ class PredictorConfig:
             raise ValueError(f"PredictorConfig.depth must be >= 1, got {self.depth}")
 
 
+# Module checkpoints keep the config in their hyperparameters; allow torch.load(weights_only=True) to read it.
+torch.serialization.add_safe_globals([PredictorConfig])
+
+
 class BudgetPredictor(nn.Module):
     """Remaining-length predictor of budget guidance (Gamma shape and rate per candidate next token).
 

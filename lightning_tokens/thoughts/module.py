@@ -258,7 +258,7 @@ def _load_module_checkpoint(model, path: str) -> None:
     """Load the ``model.*`` weights of a Lightning checkpoint of a :class:`CausalLMModule` into ``model``."""
     if not Path(path).exists():
         raise ValueError(f"QuietSTaRModule.init_checkpoint: {path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     weights = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [key for key in missing if "lora_" not in key]:
