@@ -19,7 +19,7 @@ quickstart: install
 	$(VENV)/bin/lightning-tokens fit --config configs/sft/tiny.yaml
 
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --nbmake tests notebooks
 
 benchmarks: install
 	$(PY) benchmarks/sft_main_job.py
