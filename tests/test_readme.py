@@ -23,6 +23,7 @@ def test_every_class_named_in_the_readme_is_public_api():
     names = {n.strip() for group in names for n in group.split(",")}
     assert {"CausalLMModule", "TokenSelection"} <= names
     names -= {"Trainer"}  # Lightning's own
+    names = {n for n in names if not n.isupper()}  # constants such as a notebook's MODEL parameter
     missing = sorted(n for n in names if not hasattr(lightning_tokens, n))
     assert not missing, missing
 
