@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_every_config_path_in_the_readme_exists():
-    paths = set(re.findall(r"configs/[\w./-]+\.yaml", README))
+def test_every_config_and_notebook_path_in_the_readme_exists():
+    paths = set(re.findall(r"configs/[\w./-]+\.yaml", README)) | set(re.findall(r"notebooks/[\w.-]+\.ipynb", README))
     assert paths, "the README should point at configs"
     missing = sorted(p for p in paths if not (ROOT / p).exists())
     assert not missing, missing
