@@ -17,7 +17,7 @@ import torch
 
 from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.heads import MultiTokenHeads, generate_with_heads
-from lightning_tokens.heads.distill import _prompt_ids
+from lightning_tokens.data.encode import prompt_ids
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     model.to(args.device).eval()
     heads = MultiTokenHeads.load(f"{args.out}/heads", model).to(args.device).eval()
     records = ReasoningTask.preset(args.preset, num_train=1, num_val=args.prompts, seed=3000).records("val")
-    prompts = [torch.tensor([_prompt_ids(tokenizer, r["prompt"])], device=args.device) for r in records]
+    prompts = [torch.tensor([prompt_ids(tokenizer, r["prompt"])], device=args.device) for r in records]
     eos = tokenizer.eos_token_id
 
     def plain(ids):

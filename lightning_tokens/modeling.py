@@ -246,10 +246,24 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(causal_lm_of(model), "is_quantized", False))
 
 
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (``LlamaModel``, ``GPT2Model``, ...) inside a causal LM, PEFT-wrapped or not.
+
+    Called alone it returns the final hidden states, without the output head.
+    """
+    base = causal_lm_of(model)
+    if hasattr(base, "get_decoder"):
+        try:
+            return base.get_decoder()
+        except (AttributeError, NotImplementedError):
+            pass
+    return getattr(base, base.base_model_prefix)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of any standard transformers causal LM (llama, qwen2, mistral, gpt2, ...)."""
     base = causal_lm_of(model)
-    inner = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix)
+    inner = decoder_of(base)
     for name in ("layers", "h", "blocks", "layer"):
         layers = getattr(inner, name, None)
         if isinstance(layers, nn.ModuleList):

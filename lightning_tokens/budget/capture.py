@@ -12,18 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lightning_tokens.modeling import causal_lm_of, decoder_layers
-
-
-def decoder_stack(model: nn.Module) -> nn.Module:
-    """The decoder (``LlamaModel``, ``GPT2Model``, ...) inside a causal LM, PEFT-wrapped or not."""
-    base = causal_lm_of(model)
-    if hasattr(base, "get_decoder"):
-        try:
-            return base.get_decoder()
-        except (AttributeError, NotImplementedError):
-            pass
-    return getattr(base, base.base_model_prefix)
+from lightning_tokens.modeling import decoder_layers, decoder_of
 
 
 class HiddenStateCapture:
@@ -47,7 +36,7 @@ class HiddenStateCapture:
         layers = decoder_layers(model)
         self._layers = [None] * len(layers)
         self._handles = [layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-        self._handles.append(decoder_stack(model).register_forward_hook(self._final_hook))
+        self._handles.append(decoder_of(model).register_forward_hook(self._final_hook))
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask is not None:

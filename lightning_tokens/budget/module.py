@@ -8,10 +8,10 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
-from lightning_tokens.budget.capture import HiddenStateCapture, decoder_stack
+from lightning_tokens.budget.capture import HiddenStateCapture
 from lightning_tokens.budget.gamma import decoded_mode, encode_length, gamma_cdf, gamma_nll
 from lightning_tokens.budget.predictor import BudgetPredictor
-from lightning_tokens.modeling import ModelSpec, load_frozen_causal_lm
+from lightning_tokens.modeling import ModelSpec, decoder_of, load_frozen_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
 
 
@@ -62,7 +62,7 @@ class BudgetPredictorModule(LightningModule):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
         """``(P, N + 1, H)`` hidden states of the frozen LM at the ``select`` positions."""
         with HiddenStateCapture(self.model, last_only=False, mask=select) as capture:
-            decoder_stack(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return capture.states
 
     def step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

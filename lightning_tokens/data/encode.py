@@ -37,14 +37,20 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[i
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The context ids of a prompt/completion record: the tokenizer's encoding, bos first."""
+    ids = _ids(tokenizer, prompt, special=True)
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
 def _prompt_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    prompt_ids = _ids(tokenizer, prompt, special=True)
-    if tokenizer.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id):
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    context = prompt_ids(tokenizer, prompt)
     completion_ids = _ids(tokenizer, completion, special=False)
     if tokenizer.eos_token_id is not None:
         completion_ids = completion_ids + [tokenizer.eos_token_id]
-    return prompt_ids, completion_ids
+    return context, completion_ids
 
 
 def _template_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> list[int]:

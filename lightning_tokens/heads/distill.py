@@ -17,15 +17,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lightning_tokens.data.encode import prompt_ids
 from lightning_tokens.modeling import causal_lm_of
-
-
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    # The same context SFTDataModule builds for a prompt/completion record: bos + prompt.
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
 
 
 @torch.no_grad()
@@ -68,7 +61,7 @@ def self_distill(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
         with os.fdopen(fd, "w") as out:
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
-                encoded = [_prompt_ids(tokenizer, p) for p in chunk]
+                encoded = [prompt_ids(tokenizer, p) for p in chunk]
                 width = max(len(ids) for ids in encoded)
                 input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
                 attention_mask = torch.zeros_like(input_ids)

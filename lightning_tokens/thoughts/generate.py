@@ -18,7 +18,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from lightning_tokens.modeling import causal_lm_of
 from lightning_tokens.thoughts.heads import MixingHead
-from lightning_tokens.thoughts.parallel import backbone_of, check_supported, forbid, positions_of, sample_tokens
+from lightning_tokens.modeling import decoder_of
+from lightning_tokens.thoughts.parallel import check_supported, forbid, positions_of, sample_tokens
 
 
 @dataclass
@@ -78,7 +79,7 @@ def thoughtful_generate(
     """
     lm: PreTrainedModel = causal_lm_of(model)
     check_supported(lm)
-    backbone, head, embed = backbone_of(lm), lm.get_output_embeddings(), lm.get_input_embeddings()
+    backbone, head, embed = decoder_of(lm), lm.get_output_embeddings(), lm.get_input_embeddings()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     batch = input_ids.shape[0]

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
+
+from lightning_tokens.modeling import decoder_of
 
 
 @dataclass
@@ -43,11 +45,6 @@ class ThoughtPasses:
     thought_hidden: list[Tensor]
     thought_tokens: Tensor
     talk_hidden: list[Tensor]
-
-
-def backbone_of(lm: PreTrainedModel) -> nn.Module:
-    """The decoder stack of a causal LM (``LlamaModel``, ``GPT2Model``...), which returns final hidden states."""
-    return getattr(lm, lm.base_model_prefix)
 
 
 def check_supported(lm: PreTrainedModel) -> None:
@@ -135,7 +132,7 @@ def parallel_thoughts(
         generator: Random generator of the samples. Default ``None`` (the global one).
     """
     check_supported(lm)
-    backbone, head, embed = backbone_of(lm), lm.get_output_embeddings(), lm.get_input_embeddings()
+    backbone, head, embed = decoder_of(lm), lm.get_output_embeddings(), lm.get_input_embeddings()
     batch, length = input_ids.shape
     n = n_thoughts
     positions = positions_of(attention_mask)
