@@ -10,7 +10,6 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, check_answer, thinking_length
 from lightning_tokens.modeling import ModelSpec, is_quantized, load_causal_lm
@@ -50,7 +49,8 @@ class CausalLMModule(LightningModule):
         self.save_hyperparameters()
         self.model, self.tokenizer = load_causal_lm(self.spec)
         self.val_loss = MeanMetric()
-        self.val_ppl = Perplexity(ignore_index=-100)
+        # Perplexity is exp of the target-weighted mean loss: no second pass over the (B, T, V) logits.
+        self.val_nll = MeanMetric()
         self.val_exact_match = MeanMetric()
         self.val_thinking_length = MeanMetric()
         self._step_started: Optional[float] = None
@@ -83,12 +83,19 @@ class CausalLMModule(LightningModule):
         outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         targets = (batch["labels"][:, 1:] != -100).sum()
         self.val_loss.update(outputs.loss, weight=targets)
-        self.val_ppl.update(outputs.logits[:, :-1].float(), batch["labels"][:, 1:])
+        self.val_nll.update(outputs.loss, weight=targets)
         self.log("val/loss", self.val_loss, prog_bar=True)
-        self.log("val/ppl", self.val_ppl)
         wanted = self.generation_batches is None or batch_idx < self.generation_batches
         if "answers" in batch and wanted and self.max_new_tokens > 0:
             self._score_generations(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_nll.update_count:
+            self.log("val/ppl", torch.exp(self.val_nll.compute()))
+            self.val_nll.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
