@@ -3,12 +3,13 @@
 Every variant trains the same model on the same fixed batches (one warm-up pass, then timed steps); plain SFT
 is measured in the same run. LoRA variants share one LoRA model (plain SFT, history "base" = adapters
 disabled, "ema", "precomputed", and attention only); full fine-tuning variants share one full model (plain
-SFT, a frozen bf16 copy, a frozen int8 copy).
+SFT, a frozen bf16 copy, a frozen int8 copy). With ``--rounds R`` the LoRA variants are measured R times in
+turn and each reports the median over its rounds, so that a slow drift of the machine hits them all alike.
 
     # GPU, a Qwen2.5-1.5B-shaped model built from config (random weights, nothing downloaded)
     python benchmarks/selection_bench.py --size 1.5b --batch 4 --length 1024
-    # CPU smoke run
-    OMP_NUM_THREADS=1 python benchmarks/selection_bench.py --size tiny --device cpu --steps 2
+    # CPU: a small model of the same head layout
+    python benchmarks/selection_bench.py --size small --device cpu --batch 4 --length 512 --steps 2 --rounds 4
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from lightning_tokens.selection.scoring import score_dataloader
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000),
+    # a CPU-sized model with Qwen2.5's head layout (12 query heads sharing 2 key heads)
+    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
     # Qwen2.5-1.5B's shape
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
@@ -51,11 +55,13 @@ def batches(n, batch, length, vocab, device, seed=0):
     return out
 
 
-def build(size, device, dtype, lora):
+def build(size, device, dtype, lora, checkpointing=False):
     config = AutoConfig.for_model("qwen2", **SIZES[size])
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -65,6 +71,7 @@ def build(size, device, dtype, lora):
 
 
 def measure(model, data, steps, callback=None):
+    """Step times (after one untimed pass over ``data``) and peak CUDA memory of ``steps`` training steps."""
     device = data[0]["input_ids"].device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -96,7 +103,27 @@ def measure(model, data, steps, callback=None):
     del optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return statistics.median(times), peak
+    return times, peak
+
+
+def interleaved(model, data, steps, rounds, variants):
+    """Median step time and largest peak of each variant, measured in ``rounds`` rounds of every variant.
+
+    Interleaving spreads slow drifts of the machine (other processes, clocks) over all variants alike.
+    ``variants`` maps a name to a factory of a fresh callback (or to ``None`` for plain SFT).
+    """
+    times = {name: [] for name in variants}
+    peaks = {name: 0.0 for name in variants}
+    labels = dict.fromkeys(variants)
+    for _ in range(rounds):
+        for name, factory in variants.items():
+            callback = factory() if factory else None
+            step_times, peak = measure(model, data, steps, callback)
+            times[name] += step_times
+            peaks[name] = max(peaks[name], peak) if peak == peak else peak
+            nll = getattr(getattr(callback, "source", None), "nll", None)
+            labels[name] = name + (" [head on targets only]" if nll is not None and nll.chunked else "")
+    return {labels[name]: (statistics.median(times[name]), peaks[name]) for name in variants}
 
 
 def main():
@@ -105,8 +132,10 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds over all LoRA variants (interleaved)")
     parser.add_argument("--full", action="store_true", help="also the full fine-tuning variants")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (as the QLoRA configs)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -121,29 +150,26 @@ def main():
         print(f"{group:5s} {name:32s} step {value[0]*1e3:8.1f} ms ({row['time_ratio']:.3f}x)  "
               f"peak {row['peak_gib']:7.2f} GiB ({row['memory_ratio']:.3f}x)", flush=True)
 
-    model = build(args.size, device, dtype, lora=True)
+    model = build(args.size, device, dtype, lora=True, checkpointing=args.checkpointing)
     table_path = "/tmp/selection_bench_history.pt"
     score_dataloader(model, data, device).save(table_path)
-    plain = measure(model, data, args.steps)
-    report("lora", "plain SFT", plain, plain)
-    variants = [
-        ("base (adapters disabled)", dict(history="base")),
-        ("ema", dict(history="ema")),
-        ("precomputed", dict(history="precomputed", history_file=table_path)),
-        ("attention only", dict(mode="attention")),
-        ("loss only, base", dict(mode="loss", history="base")),
-    ]
-    for name, kwargs in variants:
-        callback = TokenSelection(warmup=0, **kwargs)
-        result = measure(model, data, args.steps, callback)
-        nll = getattr(callback.source, "nll", None)
-        report("lora", name + (" [head on targets only]" if nll is not None and nll.chunked else ""), result, plain)
-    plain_again = measure(model, data, args.steps)
-    report("lora", "plain SFT (again)", plain_again, plain)
+    variants = {
+        "plain SFT": None,
+        "base (adapters disabled)": lambda: TokenSelection(warmup=0, history="base"),
+        "ema": lambda: TokenSelection(warmup=0, history="ema"),
+        "precomputed": lambda: TokenSelection(warmup=0, history="precomputed", history_file=table_path),
+        "attention only": lambda: TokenSelection(warmup=0, mode="attention"),
+        "loss only, base": lambda: TokenSelection(warmup=0, mode="loss", history="base"),
+    }
+    measured = interleaved(model, data, args.steps, args.rounds, variants)
+    plain = measured["plain SFT"]
+    for name, value in measured.items():
+        report("lora", name, value, plain)
     del model
     if args.full:
-        model = build(args.size, device, dtype, lora=False)
-        plain = measure(model, data, args.steps)
+        model = build(args.size, device, dtype, lora=False, checkpointing=args.checkpointing)
+        times, peak = measure(model, data, args.steps)
+        plain = statistics.median(times), peak
         report("full", "plain SFT", plain, plain)
         variants = [("base (frozen copy)", {})]
         try:
@@ -153,7 +179,8 @@ def main():
         except ImportError:
             print("bitsandbytes is not installed: no int8 copy")
         for name, kwargs in variants:
-            report("full", name, measure(model, data, args.steps, TokenSelection(warmup=0, **kwargs)), plain)
+            times, peak = measure(model, data, args.steps, TokenSelection(warmup=0, **kwargs))
+            report("full", name, (statistics.median(times), peak), plain)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(dict(args=vars(args), device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

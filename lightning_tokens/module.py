@@ -148,6 +148,15 @@ class CausalLMModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         remember_total_steps(self, checkpoint, loading=True)
+        from lightning_tokens.heads.callback import HEADS_ATTRIBUTE
+
+        # CAFT's callback attaches its heads to the module, so they are in its checkpoints. Without the callback
+        # (``load_from_checkpoint`` for inference or export) they are not wanted: drop them instead of failing
+        # strict loading. With the callback the heads exist by now (its ``setup`` runs first) and are restored.
+        if not hasattr(self, HEADS_ATTRIBUTE):
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith(HEADS_ATTRIBUTE + ".")]:
+                del state[key]
 
     # -- export ----------------------------------------------------------------------------------------
     def export(self, path: str | Path, merge_lora: bool = False) -> Path:

@@ -234,6 +234,13 @@ def test_heads_and_schedule_state_survive_checkpoint_resume(tmp_path):
     assert seen["total"] == 3 and seen["step"] == 2  # the schedule keeps the first run's length
     assert resumed.schedule_weight == 1.0  # linear, p = 3 / 3
 
+    # without the callback (inference, export) the checkpoint loads strictly: the heads are left out
+    plain = CausalLMModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert not hasattr(plain, "caft_heads")
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], msg=name)
+
 
 def test_callback_rejects_bad_arguments():
     for kwargs, field in [({"beta": -1.0}, "beta"), ({"gamma": 0.0}, "gamma"), ({"schedule": "cosine"}, "schedule"),

@@ -263,6 +263,47 @@ def test_long_sequence_attention_is_chunked_and_matches_oracle(monkeypatch):
     assert torch.isfinite(loss)
 
 
+def naive_context_mass(query, key, attention_mask, context, scaling, softcap=None):
+    """Per row, head and query: a float64 softmax over real keys up to the query and itself, summed over context."""
+    batch, heads, length, _ = query.shape
+    per_group = heads // key.shape[1]
+    out = torch.zeros(batch, length, dtype=torch.float64)
+    for b in range(batch):
+        for i in range(length):
+            keys = [j for j in range(i + 1) if attention_mask[b, j] or j == i]
+            total = 0.0
+            for h in range(heads):
+                logits = [float(query[b, h, i].double() @ key[b, h // per_group, j].double()) * scaling for j in keys]
+                if softcap:
+                    logits = [math.tanh(x / softcap) * softcap for x in logits]
+                probs = torch.tensor(logits, dtype=torch.float64).softmax(0)
+                total += sum(float(p) for p, j in zip(probs, keys) if context[b, j])
+            out[b, i] = total / heads
+    return out
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_context_attention_matches_naive_softmax(monkeypatch, softcap, chunk_rows):
+    from lightning_tokens.selection import attention
+
+    batch, heads, groups, length, dim = 3, 4, 2, 9, 8
+    if chunk_rows:
+        monkeypatch.setattr(attention, "MAX_SCORES", batch * length * (heads if softcap else 1) * chunk_rows)
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(batch, heads, length, dim, generator=g, dtype=torch.bfloat16)
+    key = torch.randn(batch, groups, length, dim, generator=g, dtype=torch.bfloat16)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+    context = torch.zeros_like(mask)
+    context[0, :4], context[1, :2], context[2, 3:5] = 1, 1, 1
+    got = attention.context_attention(query, key, mask, context, scaling=0.3, softcap=softcap)
+    expected = naive_context_mass(query, key, mask, context, 0.3, softcap)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_random_mode_keeps_ceil_ratio_per_sample():
     model = build("llama")
     batch = make_batch(causal_lm_of(model).config.vocab_size)

@@ -6,7 +6,7 @@ mode, with a probe registered in transformers' ``AttentionInterface`` standing i
 probe receives the module's own query and key states (projections, rotary embeddings, norms and scaling
 already applied, so any architecture using the interface works) and stops the module there: no value
 product, no output projection. The score is then computed from them with an explicit causal + padding
-mask and a float32 softmax, one chunk of queries at a time.
+mask and a float32 softmax (one fused attention call whose values are the context indicator).
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ import contextlib
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
 from lightning_tokens.modeling import decoder_layers
 
 PROBE_NAME = "lightning_tokens_probe"
+VALUE_WIDTH = 8
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-#: Largest number of float32 attention scores held at once (B x heads x query chunk x T): 64 MiB.
+#: Largest number of (B x query chunk x T) mask entries, or float32 scores on the soft-capped path, at once.
 MAX_SCORES = 1 << 24
 
 
@@ -47,6 +49,11 @@ def context_attention(query: Tensor, key: Tensor, attention_mask: Tensor, contex
                       scaling: Optional[float] = None, softcap: Optional[float] = None) -> Tensor:
     """Head-mean attention mass from each query position to the context positions.
 
+    The mass is an attention output: with the context indicator as the value vectors,
+    ``sum_j softmax_j(q_i . k_j) * context[j]`` is what ``scaled_dot_product_attention`` returns, so the scores
+    are computed by a fused kernel on float32 inputs (float32 softmax) and no ``(B, H, T, T)`` tensor is made.
+    Soft-capped scores (Gemma 2), which that kernel cannot apply, take an explicit chunked softmax instead.
+
     Args:
         query: ``(B, H, T, D)`` query states.
         key: ``(B, H_kv, T, D)`` key states; ``H`` must be a multiple of ``H_kv`` (grouped-query attention:
@@ -58,30 +65,41 @@ def context_attention(query: Tensor, key: Tensor, attention_mask: Tensor, contex
 
     Returns:
         ``(B, T)`` float32: for query ``i``, ``mean_h sum_{j <= i, context[j]} softmax_j(q_i . k_j)`` where the
-        softmax runs over real positions ``j <= i`` (a padding query attends to itself only).
+        softmax runs over real positions ``j <= i`` and ``i`` itself (so a padding query, never a target, has
+        a defined row).
     """
     batch, heads, length, dim = query.shape
     groups = key.shape[1]
     if heads % groups:
         raise ValueError(f"{heads} query heads cannot share {groups} key heads")
     scaling = dim ** -0.5 if scaling is None else scaling
-    q = query.float().reshape(batch, groups, heads // groups, length, dim)
-    k = key.float()[:, :, None]  # (B, G, 1, T, D)
-    valid = attention_mask.bool()[:, None, None, None, :]
-    weight = context.float()[:, None, None, None, :]
+    query = query.float()
+    key = key.float()[:, :, None].expand(batch, groups, heads // groups, length, dim).reshape(batch, heads, length, dim)
+    # Values of width VALUE_WIDTH (the fused kernels want a multiple of 4 or 8), each the context indicator.
+    weight = context.float()[:, None, :, None].expand(batch, heads, length, VALUE_WIDTH).contiguous()
     positions = torch.arange(length, device=query.device)
-    chunk = max(1, MAX_SCORES // max(1, batch * heads * length))
+    valid = attention_mask.bool()[:, None, :]
+    chunk = max(1, MAX_SCORES // max(1, batch * length * (heads if softcap else 1)))
     out = []
     for start in range(0, length, chunk):
         rows = positions[start:start + chunk]
-        scores = q[:, :, :, start:start + chunk] @ k.transpose(-1, -2) * scaling
+        # (B, chunk, T): causal over real keys, and every query (a padding one too) sees itself
+        allowed = ((positions[None, :] <= rows[:, None]) & valid) | (positions[None, :] == rows[:, None])
+        q = query[:, :, start:start + chunk]
         if softcap:
-            scores = torch.tanh(scores / softcap) * softcap
-        causal = positions[None, :] <= rows[:, None]
-        allowed = (causal & valid) | (positions[None, :] == rows[:, None])
-        probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-        out.append((probs * weight).sum(-1).mean(dim=(1, 2)))
+            mass = _softcapped_mass(q, key, allowed, weight[..., 0], scaling, softcap)
+        else:
+            mass = F.scaled_dot_product_attention(q, key, weight, attn_mask=allowed[:, None], scale=scaling)[..., 0]
+        out.append(mass.mean(dim=1))
     return torch.cat(out, dim=1)
+
+
+def _softcapped_mass(query: Tensor, key: Tensor, allowed: Tensor, weight: Tensor, scaling: float,
+                     softcap: float) -> Tensor:
+    """``(B, H, chunk)`` context mass of soft-capped attention, from an explicit float32 softmax."""
+    scores = torch.tanh(query @ key.transpose(-1, -2) * (scaling / softcap)) * softcap
+    probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+    return (probs * weight[:, :, None, :]).sum(-1)
 
 
 def attention_module(layer: nn.Module) -> nn.Module:
