@@ -5,7 +5,9 @@ For each model and batch size (1 and 8): tokens per second of greedy decoding of
 newline-step guidance (the paper's) and with guidance at every step (the worst case). Models:
 ``--model DIR``: a saved model with the embedded task's tokenizer (its own newline rate), and/or
 ``--qwen-shaped``: a randomly initialised model with Qwen2-1.5B's shapes (bf16 on a GPU) and a default
-predictor over its 151,936-token vocabulary.
+predictor over its 151,936-token vocabulary. The settings run in rounds (one run of each per round; the first
+round warms up): tokens per second come from the median time over ``--repeats`` rounds, an overhead is the
+median over rounds of guided time / unguided time in the same round.
 
     python benchmarks/budget_speed.py --model runs/budget-experiment/sft-model --predictor runs/budget-experiment/predictor.pt
     python benchmarks/budget_speed.py --qwen-shaped
@@ -34,16 +36,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed_generate(model, enc, new_tokens, processors, repeats):
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up
-        sync()
-        start = time.perf_counter()
-        model.generate(**enc, logits_processor=processors, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=0)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def timed_generate(model, enc, new_tokens, processors):
+    sync()
+    start = time.perf_counter()
+    model.generate(**enc, logits_processor=processors, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, pad_token_id=0)
+    sync()
+    return time.perf_counter() - start
 
 
 def bench(name, model, predictor, tokenizer, prompts, new_tokens, repeats, relaxed):
@@ -51,14 +50,24 @@ def bench(name, model, predictor, tokenizer, prompts, new_tokens, repeats, relax
     thresholds = dict(min_rate=0.0, min_shape=0.0, min_mode=-1.0) if relaxed else {}
     for batch in (1, 8):
         enc = tokenizer(prompts[:batch], return_tensors="pt", padding=True).to(model.device)
-        plain = timed_generate(model, enc, new_tokens, [], repeats)
+        times = {"unguided": [], "newline": [], "every": []}
+        guided_steps = {"newline": 0, "every": 0}
+        # Rounds of one run per setting, so that a drift in machine speed hits every setting alike (a shared
+        # CPU drifts by tens of percent within a minute); the first round warms up. Hooks are only on the
+        # model during guided runs.
+        for _ in range(repeats + 1):
+            times["unguided"].append(timed_generate(model, enc, new_tokens, []))
+            for steps in guided_steps:
+                with BudgetGuidanceLogitsProcessor(model, predictor, tokenizer, 10_000, steps=steps, **thresholds) as guide:
+                    times[steps].append(timed_generate(model, enc, new_tokens, [guide]))
+                guided_steps[steps] += guide.guided_steps
+        plain = statistics.median(times["unguided"][1:])
         row = {"model": name, "batch": batch, "new_tokens": new_tokens, "unguided_tok_s": batch * new_tokens / plain}
-        for steps in ("newline", "every"):
-            with BudgetGuidanceLogitsProcessor(model, predictor, tokenizer, 10_000, steps=steps, **thresholds) as guide:
-                seconds = timed_generate(model, enc, new_tokens, [guide], repeats)
-                row[f"{steps}_guided_share"] = guide.guided_steps / ((repeats + 1) * new_tokens)
+        for steps, count in guided_steps.items():
+            seconds = statistics.median(times[steps][1:])
+            row[f"{steps}_guided_share"] = count / ((repeats + 1) * new_tokens)
             row[f"{steps}_tok_s"] = batch * new_tokens / seconds
-            row[f"{steps}_overhead"] = seconds / plain
+            row[f"{steps}_overhead"] = statistics.median(g / p for g, p in zip(times[steps][1:], times["unguided"][1:]))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

@@ -23,6 +23,7 @@ from lightning_tokens.budget import (
     guidance_weights,
     remaining_lengths,
 )
+from lightning_tokens.budget.predictor import encode_first
 from lightning_tokens.data.records import Record
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
 
@@ -87,6 +88,8 @@ def test_guidance_weights_masks_untrained_rows():
     torch.testing.assert_close(w[0].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-6)
     low_mode = guidance_weights(torch.tensor([[1.5]]), torch.tensor([[100.0]]), torch.tensor([5.0]))
     assert low_mode.item() == 0.0  # exp(0.005) - 1 < 0.9
+    underflow = guidance_weights(torch.tensor([[0.0]]), torch.tensor([[12.0]]), torch.tensor([5.0]))
+    assert underflow.item() == 0.0  # a masked shape of 0 (softplus underflow) gives 0, not gammainc(0, 0) = NaN
 
 
 # -- targets -----------------------------------------------------------------------------------------------
@@ -143,6 +146,19 @@ def test_predictor_gathers_only_requested_rows_and_round_trips(tmp_path, body):
         predictor(torch.randn(5, 2, 16))
 
 
+@pytest.mark.parametrize("body", ["transformer", "bert"])
+def test_eval_features_match_the_encoder_modules(body):
+    # eval mode runs encode_first (functional ops, CLS-only last layer); train mode runs nn.TransformerEncoder
+    predictor = BudgetPredictor(PredictorConfig(hidden_size=16, num_states=3, vocab_size=40, body=body, d_model=32,
+                                                heads=4, depth=3, dropout=0.0))
+    states = 3 * torch.randn(5, 3, 16)
+    modules = predictor.train().features(states)
+    torch.testing.assert_close(predictor.eval().features(states), modules, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # against the modules' own eval fast path too
+        x = torch.randn(5, 4, 32)
+        torch.testing.assert_close(encode_first(predictor.body, x), predictor.body(x)[:, 0], rtol=1e-5, atol=1e-5)
+
+
 def test_predictor_body_defaults():
     bert = PredictorConfig(hidden_size=64, num_states=5, vocab_size=10, body="bert")
     assert (bert.d_model, bert.depth, bert.heads, bert.dropout, bert.input_norm) == (768, 12, 12, 0.1, False)
@@ -172,6 +188,7 @@ def test_hook_capture_equals_output_hidden_states(model_type, tokenizer):
     with HiddenStateCapture(model) as capture:
         model(x)
         torch.testing.assert_close(capture.states, reference[:, -1])
+        torch.testing.assert_close(capture.last_states(torch.tensor([1])), reference[[1], -1])
     assert not model._forward_pre_hooks and all(not m._forward_pre_hooks for m in model.modules())
 
 
@@ -263,6 +280,32 @@ def test_all_zero_weights_fall_back_to_argmax(lm):
         banned = run_forward(model, input_ids).masked_fill(trusted[None], float("-inf"))
         out = guide(input_ids, banned)
     assert not torch.isnan(out).any() and out[0].argmax() == banned[0].argmax()
+
+
+def test_only_guided_rows_change_each_as_if_alone(lm):
+    # row 0 has not started thinking, row 1 only keeps w > 0 on banned tokens (argmax fallback), row 2 is guided
+    model, tokenizer = lm
+    predictor = fixed_predictor(model)
+    S, = ids(tokenizer, "<think>")
+    input_ids = torch.tensor([[1, 40, 41, 42], [1, 40, S, 50], [1, S, 50, 51]])
+    trusted = guidance_weights(predictor.alpha_v[None], predictor.rate_v[None], torch.tensor([9.0]))[0] > 0
+    scores = run_forward(model, input_ids)
+    scores[1] = scores[1].masked_fill(trusted, float("-inf"))
+    with BudgetGuidanceLogitsProcessor(model, predictor, tokenizer, 10, steps="every") as guide:
+        model(input_ids)
+        out = guide(input_ids, scores)
+        alone = []
+        for row in (1, 2):
+            guide.reset()
+            model(input_ids[row:row + 1])
+            alone.append(guide(input_ids[row:row + 1], scores[row:row + 1])[0])
+    assert torch.equal(out[0], scores[0])
+    assert out[1].argmax() == scores[1].argmax() and torch.isinf(out[1]).sum() == out.shape[1] - 1
+    torch.testing.assert_close(out[1], alone[0])
+    torch.testing.assert_close(out[2], alone[1], rtol=1e-5, atol=1e-5)
+    p = torch.softmax(scores[2].double(), -1)
+    w = guidance_weights(predictor.alpha_v[None], predictor.rate_v[None], torch.tensor([8.0]))[0].double()
+    torch.testing.assert_close(torch.exp(out[2].double()), p * w / (p * w).sum(), rtol=1e-4, atol=1e-7)
 
 
 def naive_guided_greedy(model, predictor, prompt, budget, S, E, steps, newline, min_rate):

@@ -23,7 +23,7 @@ class HiddenStateCapture:
 
     Args:
         model: The causal LM (any wrapper).
-        last_only: Keep only the last position of each forward. Default ``True``.
+        last_only: Read only the last position of each forward. Default ``True``.
         mask: ``(B, T)`` bool: keep only these positions, as ``(P, N + 1, H)`` (training reads only the
             supervised positions, so no ``(B, T, N + 1, H)`` copy is held). Default ``None``.
     """
@@ -41,7 +41,9 @@ class HiddenStateCapture:
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask is not None:
             return x.detach()[self.mask]
-        return x[:, -1].detach() if self.last_only else x.detach()
+        # last_only keeps a reference and slices when read: the hooks run at every decoding step, the
+        # states are read only at guided ones (a view would keep the same storage alive anyway).
+        return x if self.last_only else x.detach()
 
     def _pre_hook(self, index: int):
         def hook(module, args, kwargs):
@@ -64,9 +66,24 @@ class HiddenStateCapture:
     @property
     def states(self) -> torch.Tensor:
         """The states of the latest forward, stacked on a layer axis just before the hidden axis."""
+        if self.last_only and self.mask is None:
+            return self.last_states()
         if not self.ready:
             raise RuntimeError("HiddenStateCapture: no complete forward captured yet")
         return torch.stack([*self._layers, self._final], dim=-2)
+
+    def last_states(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(R, N + 1, H)`` states at the last position of the latest forward (needs ``last_only=True``).
+
+        Args:
+            rows: ``(R,)`` batch indices to keep (on the states' device). Default ``None``: every row.
+        """
+        if not self.last_only or self.mask is not None:
+            raise RuntimeError("HiddenStateCapture.last_states needs last_only=True and no mask")
+        if not self.ready:
+            raise RuntimeError("HiddenStateCapture: no complete forward captured yet")
+        states = torch.stack([x[:, -1] for x in (*self._layers, self._final)], dim=1).detach()
+        return states if rows is None else states.index_select(0, rows)
 
     def gather(self, mask: torch.Tensor) -> torch.Tensor:
         """``(P, N + 1, H)`` states at the ``True`` positions of a ``(B, T)`` mask (needs ``last_only=False``)."""

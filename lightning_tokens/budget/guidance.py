@@ -42,9 +42,11 @@ def guidance_weights(alpha: torch.Tensor, rate: torch.Tensor, remaining_budget: 
         min_mode: ... and its decoded mode ``exp((alpha - 1) / rate) - 1 >= min_mode``. Default ``0.9`` (reference).
     """
     y = encode_length(remaining_budget)[:, None]
-    w = gamma_cdf(alpha, rate, y.expand_as(alpha))
     valid = (rate >= min_rate) & (alpha > min_shape) & (decoded_mode(alpha, rate) >= min_mode)
-    return torch.where(valid, w, torch.zeros_like(w))
+    # gammainc(a, 0) returns at once (a real saving on the CPU, where masked candidates are often most of
+    # them); the outer where keeps them at 0 even where gammainc(0, 0) is NaN.
+    w = gamma_cdf(alpha, rate, torch.where(valid, y, 0.0))
+    return torch.where(valid, w, 0.0)
 
 
 class BudgetGuidanceLogitsProcessor(LogitsProcessor):
@@ -122,44 +124,70 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
     def guided_rows(self) -> list[int]:
         """Rows guided at this step (after the tracker has read the step's sequences)."""
         tracker = self.tracker
-        rows = [row for row in range(len(tracker.t)) if tracker.thinking(row)]
-        if self.steps == "newline" and tracker.steps > 0:
-            rows = [row for row in rows if tracker.t[row] == 0
-                    or (tracker.last[row] < len(self.newline) and self.newline[tracker.last[row]])]
-        return rows
+        if self.steps == "every" or tracker.steps == 0:
+            return [row for row in range(len(tracker.t)) if tracker.thinking(row)]
+        newline, last = self.newline, tracker.last
+        return [row for row in range(len(tracker.t)) if tracker.thinking(row)
+                and (tracker.t[row] == 0 or (last[row] < len(newline) and newline[last[row]]))]
 
-    @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         budgets = per_row(self.budgets, input_ids.shape[0], "BudgetGuidanceLogitsProcessor.budgets")
         self.tracker.update(input_ids)
         rows = self.guided_rows()
-        if not rows:
+        if not rows:  # most steps with newline guidance: no device work at all
             return scores
-        index = torch.tensor(rows, device=scores.device)
-        states = self.capture.states[index]
-        remaining = torch.tensor([max(budgets[r] - self.tracker.t[r], 1.0) for r in rows], device=scores.device)
-        log_p = torch.log_softmax(scores[index].float(), dim=-1)
-        features = self.predictor.features(states)
-        if self.top_k is None:
-            alpha, rate = self.predictor.gamma(features)
-            w = guidance_weights(alpha, rate, remaining, self.min_rate, self.min_shape, self.min_mode)
-        else:
-            candidates = log_p.topk(min(self.top_k, log_p.shape[-1]), dim=-1).indices
-            alpha, rate = self.predictor.gamma(features, candidates)
-            w_top = guidance_weights(alpha, rate, remaining, self.min_rate, self.min_shape, self.min_mode)
-            w = torch.zeros_like(log_p).scatter_(1, candidates, w_top)
-        guided = log_p + torch.log(w)
-        # No trusted candidate left (every w is 0, or only tokens an earlier processor banned have w > 0):
-        # the reference falls back to the argmax token.
-        empty = ~torch.isfinite(guided).any(-1)
-        if empty.any():
-            fallback = torch.full_like(log_p[empty], float("-inf"))
-            guided[empty] = fallback.scatter_(1, log_p[empty].argmax(-1, keepdim=True), 0.0)
-        guided = guided - torch.logsumexp(guided, dim=-1, keepdim=True)
-        scores = scores.clone()
-        scores[index] = guided.to(scores.dtype)
         self.guided_steps += 1
-        return scores
+        return self._guide(scores, rows, [max(budgets[row] - self.tracker.t[row], 1.0) for row in rows])
+
+    @torch.no_grad()
+    def _guide(self, scores: torch.Tensor, rows: list[int], remaining: list[float]) -> torch.Tensor:
+        """``scores`` with the rows ``rows`` (``B_rem`` of each in ``remaining``) replaced by guided log-probabilities."""
+        if len(rows) == scores.shape[0]:
+            return self._guided_log_probs(scores, self.capture.last_states(), remaining).to(scores.dtype)
+        index = torch.tensor(rows, device=scores.device)
+        guided = self._guided_log_probs(scores.index_select(0, index), self.capture.last_states(index), remaining)
+        return scores.index_copy(0, index, guided.to(scores.dtype))
+
+    def _guided_log_probs(self, scores: torch.Tensor, states: torch.Tensor, remaining: list[float]) -> torch.Tensor:
+        """Guided log-probabilities ``log(p * w / sum(p * w))`` (fp32) of the rows to guide.
+
+        Args:
+            scores: ``(R, V)`` scores of those rows.
+            states: ``(R, N + 1, H)`` their hidden states at the last position.
+            remaining: ``B_rem`` of each row.
+        """
+        log_p = torch.log_softmax(scores.float(), dim=-1)
+        # Inference mode dispatches the predictor's many small ops faster than no_grad. Its tensors are only
+        # read outside it, so what goes back to generate() is an ordinary tensor.
+        with torch.inference_mode():
+            w = self._weights(log_p, states, torch.tensor(remaining, device=scores.device))
+        return _renormalise(log_p + torch.log(w), log_p)
+
+    def _weights(self, log_p: torch.Tensor, states: torch.Tensor, remaining_budget: torch.Tensor) -> torch.Tensor:
+        """``(R, V)`` :func:`guidance_weights` (0 outside the ``top_k`` candidates when ``top_k`` is set)."""
+        features = self.predictor.features(states)
+        thresholds = (self.min_rate, self.min_shape, self.min_mode)
+        if self.top_k is None:
+            return guidance_weights(*self.predictor.gamma(features), remaining_budget, *thresholds)
+        candidates = log_p.topk(min(self.top_k, log_p.shape[-1]), dim=-1).indices
+        w_top = guidance_weights(*self.predictor.gamma(features, candidates), remaining_budget, *thresholds)
+        return torch.zeros_like(log_p).scatter_(1, candidates, w_top)
+
+
+def _renormalise(guided: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Log-softmax of ``guided = log(p * w)`` per row; a row with no finite entry becomes its argmax token.
+
+    No trusted candidate left (every ``w`` is 0, or only tokens an earlier processor banned have ``w > 0``):
+    the reference falls back to the argmax token. The fallback is computed for every row and picked with a
+    ``where``, which costs a few small ops but no device synchronisation.
+
+    Args:
+        guided: ``(R, V)`` ``log p + log w``.
+        log_p: ``(R, V)`` ``log p`` (its argmax is the fallback).
+    """
+    trusted = guided.amax(-1, keepdim=True) > float("-inf")
+    fallback = torch.full_like(log_p, float("-inf")).scatter_(1, log_p.argmax(-1, keepdim=True), 0.0)
+    return torch.where(trusted, torch.log_softmax(guided, dim=-1), fallback)
 
 
 @torch.no_grad()

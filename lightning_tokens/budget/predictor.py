@@ -89,6 +89,52 @@ class PredictorConfig:
 torch.serialization.add_safe_globals([PredictorConfig])
 
 
+def encode_first(encoder: nn.TransformerEncoder, x: torch.Tensor) -> torch.Tensor:
+    """``encoder(x)[:, 0]`` in eval mode (no dropout, no mask), from the layers' weights with functional ops.
+
+    Only the first position (the CLS vector) is read, so the last layer computes its query, attention output
+    and feed-forward for that position alone. Skipping ``nn.TransformerEncoderLayer.forward`` also skips its
+    per-call checks, which at decoding sizes (a few rows of ``N + 2`` positions) cost about as much as the
+    layer's own arithmetic. Equal to the module up to float rounding (tested).
+
+    Args:
+        encoder: An encoder of ``batch_first`` :class:`~torch.nn.TransformerEncoderLayer` and no final norm.
+        x: ``(P, T, d)`` input sequence.
+
+    Returns:
+        ``(P, d)`` output at position 0.
+    """
+    layers = encoder.layers
+    for i, layer in enumerate(layers):
+        x = _encoder_layer(layer, x, queries=1 if i == len(layers) - 1 else x.shape[1])
+    return x[:, 0]
+
+
+def _encoder_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, queries: int) -> torch.Tensor:
+    """``layer(x)[:, :queries]`` in eval mode: every position is attended to, the first ``queries`` attend."""
+    def norm(module: nn.LayerNorm, h: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(h, module.normalized_shape, module.weight, module.bias, module.eps)
+
+    def attend(h: torch.Tensor) -> torch.Tensor:
+        attn = layer.self_attn
+        batch, length, width = h.shape
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        # (P, T, 3, heads, head_dim) -> q, k, v of (P, heads, T, head_dim), as few view ops as possible
+        q, k, v = qkv.view(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q[:, :, :queries], k, v).transpose(1, 2).reshape(batch, queries, width)
+        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+    def feed_forward(h: torch.Tensor) -> torch.Tensor:
+        return F.linear(layer.activation(F.linear(h, layer.linear1.weight, layer.linear1.bias)),
+                        layer.linear2.weight, layer.linear2.bias)
+
+    if layer.norm_first:
+        x = x[:, :queries] + attend(norm(layer.norm1, x))
+        return x + feed_forward(norm(layer.norm2, x))
+    x = norm(layer.norm1, x[:, :queries] + attend(x))
+    return norm(layer.norm2, x + feed_forward(x))
+
+
 class BudgetPredictor(nn.Module):
     """Remaining-length predictor of budget guidance (Gamma shape and rate per candidate next token).
 
@@ -140,7 +186,11 @@ class BudgetPredictor(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------
     def features(self, states: torch.Tensor) -> torch.Tensor:
-        """``(P, N + 1, H)`` hidden states to ``(P, d)`` features."""
+        """``(P, N + 1, H)`` hidden states to ``(P, d)`` features.
+
+        In eval mode the encoder runs through :func:`encode_first` (the same maths as the module, cheaper
+        at decoding sizes).
+        """
         c = self.config
         if states.ndim != 3 or states.shape[1:] != (c.num_states, c.hidden_size):
             raise ValueError(f"BudgetPredictor: expected states of shape (P, {c.num_states}, {c.hidden_size}), "
@@ -152,7 +202,9 @@ class BudgetPredictor(nn.Module):
         if self.positions is not None:
             x = x + self.positions
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.final_norm(self.body(x)[:, 0])
+        if self.training:
+            return self.final_norm(self.body(x)[:, 0])
+        return self.final_norm(encode_first(self.body, x))
 
     def gamma(self, features: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Shape and rate (fp32) for candidate tokens.
