@@ -23,9 +23,9 @@ from transformers import AttentionInterface
 from lightning_tokens.modeling import decoder_layers
 
 PROBE_NAME = "lightning_tokens_probe"
-VALUE_WIDTH = 8
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-#: Largest number of (B x query chunk x T) mask entries, or float32 scores on the soft-capped path, at once.
+#: Largest number of mask entries (B x query heads of a group x query chunk x T) or, on the soft-capped path,
+#: float32 scores (B x heads x query chunk x T) held at once.
 MAX_SCORES = 1 << 24
 
 
@@ -72,33 +72,41 @@ def context_attention(query: Tensor, key: Tensor, attention_mask: Tensor, contex
     groups = key.shape[1]
     if heads % groups:
         raise ValueError(f"{heads} query heads cannot share {groups} key heads")
+    per_group = heads // groups
     scaling = dim ** -0.5 if scaling is None else scaling
-    query = query.float()
-    key = key.float()[:, :, None].expand(batch, groups, heads // groups, length, dim).reshape(batch, heads, length, dim)
-    # Values of width VALUE_WIDTH (the fused kernels want a multiple of 4 or 8), each the context indicator.
-    weight = context.float()[:, None, :, None].expand(batch, heads, length, VALUE_WIDTH).contiguous()
+    # Grouped-query attention without repeating the keys: the query heads sharing key head g (heads
+    # g * per_group ... , as transformers' repeat_kv) are stacked on the query axis of one attention call.
+    query = query.reshape(batch, groups, per_group, length, dim)
+    key = key.float()
+    # Values as wide as the keys (the fused CPU kernel needs equal widths), each the context indicator.
+    weight = context.float()[:, None, :, None].expand(batch, groups, length, dim).contiguous()
     positions = torch.arange(length, device=query.device)
     valid = attention_mask.bool()[:, None, :]
-    chunk = max(1, MAX_SCORES // max(1, batch * length * (heads if softcap else 1)))
+    chunk = max(1, MAX_SCORES // max(1, batch * length * (heads if softcap else per_group)))
     out = []
     for start in range(0, length, chunk):
         rows = positions[start:start + chunk]
-        # (B, chunk, T): causal over real keys, and every query (a padding one too) sees itself
+        n = rows.shape[0]
+        # (B, n, T): causal over real keys, and every query (a padding one too) sees itself
         allowed = ((positions[None, :] <= rows[:, None]) & valid) | (positions[None, :] == rows[:, None])
-        q = query[:, :, start:start + chunk]
+        allowed = allowed[:, None, None].expand(batch, 1, per_group, n, length).reshape(batch, 1, per_group * n, length)
+        q = query[:, :, :, start:start + n].float().reshape(batch, groups, per_group * n, dim)
         if softcap:
             mass = _softcapped_mass(q, key, allowed, weight[..., 0], scaling, softcap)
         else:
-            mass = F.scaled_dot_product_attention(q, key, weight, attn_mask=allowed[:, None], scale=scaling)[..., 0]
-        out.append(mass.mean(dim=1))
+            mass = F.scaled_dot_product_attention(q, key, weight, attn_mask=allowed, scale=scaling)[..., 0]
+        out.append(mass.reshape(batch, heads, n).mean(dim=1))  # (B, G, per_group * n) -> head mean
     return torch.cat(out, dim=1)
 
 
 def _softcapped_mass(query: Tensor, key: Tensor, allowed: Tensor, weight: Tensor, scaling: float,
                      softcap: float) -> Tensor:
-    """``(B, H, chunk)`` context mass of soft-capped attention, from an explicit float32 softmax."""
+    """``(B, G, Q)`` context mass of soft-capped attention, from an explicit float32 softmax.
+
+    ``query`` is ``(B, G, Q, D)``, ``key`` ``(B, G, T, D)``, ``allowed`` ``(B, 1, Q, T)``, ``weight`` ``(B, G, T)``.
+    """
     scores = torch.tanh(query @ key.transpose(-1, -2) * (scaling / softcap)) * softcap
-    probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
     return (probs * weight[:, :, None, :]).sum(-1)
 
 
