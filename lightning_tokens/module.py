@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, check_answer, thinking_length
 from lightning_tokens.modeling import ModelSpec, is_quantized, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups, remember_total_steps, total_training_steps
+from lightning_tokens.token_loss import ATTACHED_MODULES_KEY
 
 
 class CausalLMModule(LightningModule):
@@ -148,15 +149,14 @@ class CausalLMModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         remember_total_steps(self, checkpoint, loading=True)
-        from lightning_tokens.heads.callback import HEADS_ATTRIBUTE
-
-        # CAFT's callback attaches its heads to the module, so they are in its checkpoints. Without the callback
+        # Submodules a callback attached (CAFT's heads) are in the checkpoint. Loaded without that callback
         # (``load_from_checkpoint`` for inference or export) they are not wanted: drop them instead of failing
-        # strict loading. With the callback the heads exist by now (its ``setup`` runs first) and are restored.
-        if not hasattr(self, HEADS_ATTRIBUTE):
-            state = checkpoint.get("state_dict", {})
-            for key in [k for k in state if k.startswith(HEADS_ATTRIBUTE + ".")]:
-                del state[key]
+        # strict loading. With the callback they exist by now (its ``setup`` runs first) and are restored.
+        state = checkpoint.get("state_dict", {})
+        for name in checkpoint.get(ATTACHED_MODULES_KEY, ()):
+            if not hasattr(self, name):
+                for key in [k for k in state if k.startswith(name + ".")]:
+                    del state[key]
 
     # -- export ----------------------------------------------------------------------------------------
     def export(self, path: str | Path, merge_lora: bool = False) -> Path:

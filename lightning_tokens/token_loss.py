@@ -29,6 +29,9 @@ from torch import Tensor, nn
 from lightning_tokens.modeling import causal_lm_of
 
 IGNORE_INDEX = -100
+#: Checkpoint entry naming the submodules a callback attached to the LightningModule (CAFT's heads, say).
+#: ``CausalLMModule`` leaves their weights out when it is loaded without that callback.
+ATTACHED_MODULES_KEY = "lightning_tokens_attached_modules"
 
 
 @dataclass

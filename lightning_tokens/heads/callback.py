@@ -19,7 +19,7 @@ from lightning_tokens.heads.heads import WEIGHTS_NAME, Architecture, MultiTokenH
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.heads.schedule import parse_schedule, schedule_value
 from lightning_tokens.modeling import causal_lm_of, decoder_layers
-from lightning_tokens.token_loss import TokenLossCallback, TokenLossContext, find_causal_lm
+from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, TokenLossCallback, TokenLossContext, find_causal_lm
 
 HEADS_ATTRIBUTE = "caft_heads"
 _TRUNK_KEY = "caft_trunk"
@@ -159,6 +159,11 @@ class ConceptAwareFineTuning(TokenLossCallback):
         self._last = {}
 
     # -- state -----------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        attached = checkpoint.setdefault(ATTACHED_MODULES_KEY, [])
+        if HEADS_ATTRIBUTE not in attached:
+            attached.append(HEADS_ATTRIBUTE)
+
     def state_dict(self) -> dict[str, Any]:
         return {"total_steps": self.total_steps, "step": self.step, "schedule": self.schedule,
                 "sine_ratio": self.sine_ratio, "beta": self.beta, "gamma": self.gamma}
