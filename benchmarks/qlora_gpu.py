@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -47,10 +48,9 @@ def config_file(changes: dict, overrides: dict) -> str:
     if "optimizer" in changes:
         model["optimizer"]["name"] = changes["optimizer"]
     config["data"]["init_args"]["task"]["num_train"] = 4000
-    path = tempfile.mkstemp(suffix=".yaml")[1]
-    with open(path, "w") as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
-    return path
+    return f.name
 
 
 def measure(changes: dict, steps: int, warmup: int, smoke: bool = False) -> dict:
@@ -82,7 +82,10 @@ def measure(changes: dict, steps: int, warmup: int, smoke: bool = False) -> dict
             "--checkpoint.save_last=false"]
     if smoke:
         args += ["--trainer.accelerator=cpu", "--data.init_args.task.num_train=300"]
-    cli = build_cli(args, run=False)
+    try:
+        cli = build_cli(args, run=False)
+    finally:
+        os.unlink(args[1])
     meter = Meter()
     cli.trainer.callbacks.append(meter)
     if not smoke:

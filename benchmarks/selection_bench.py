@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -120,7 +121,7 @@ def interleaved(model, data, steps, rounds, variants):
             callback = factory() if factory else None
             step_times, peak = measure(model, data, steps, callback)
             times[name] += step_times
-            peaks[name] = max(peaks[name], peak) if peak == peak else peak
+            peaks[name] = peak if math.isnan(peak) else max(peaks[name], peak)  # NaN on the CPU
             nll = getattr(getattr(callback, "source", None), "nll", None)
             labels[name] = name + (" [head on targets only]" if nll is not None and nll.chunked else "")
     return {labels[name]: (statistics.median(times[name]), peaks[name]) for name in variants}
