@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_tokens.data.encode import encode_record, pad
-from lightning_tokens.data.module import EpochSeededSampler
+from lightning_tokens.data.module import EpochSeededSampler, check_length_and_split
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, ReasoningTask
 from lightning_tokens.data.records import DataError, Record, check_record, from_dicts, read_file
 
@@ -172,10 +172,7 @@ class TraceDataModule(LightningDataModule):
                  think_end: str = THINK_END, max_length: int = 1024, val_fraction: float = 0.05,
                  batch_size: int = 8, eval_batch_size: Optional[int] = None, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
-        if max_length < 2:
-            raise ValueError(f"TraceDataModule.max_length must be at least 2, got {max_length}")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"TraceDataModule.val_fraction must be in [0, 1), got {val_fraction}")
+        check_length_and_split("TraceDataModule", max_length, val_fraction)
         self.save_hyperparameters()
         self.train_file, self.val_file = train_file, val_file
         self.task = task if task is not None else ReasoningTask(style="mixed")

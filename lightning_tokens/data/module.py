@@ -90,6 +90,14 @@ class ResumableDataLoader(DataLoader):
         yield from iterator
 
 
+def check_length_and_split(owner: str, max_length: int, val_fraction: float) -> None:
+    """One clear error for a ``max_length`` below 2 or a ``val_fraction`` outside [0, 1) of data module ``owner``."""
+    if max_length < 2:
+        raise ValueError(f"{owner}.max_length must be at least 2, got {max_length}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"{owner}.val_fraction must be in [0, 1), got {val_fraction}")
+
+
 class SFTDataModule(LightningDataModule):
     """Supervised fine-tuning data with completion-only labels.
 
@@ -145,12 +153,9 @@ class SFTDataModule(LightningDataModule):
         answer_field: str = "answer",
     ) -> None:
         super().__init__()
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"SFTDataModule.val_fraction must be in [0, 1), got {val_fraction}")
         if truncation not in ("truncate", "drop"):
             raise ValueError(f"SFTDataModule.truncation must be 'truncate' or 'drop', got {truncation!r}")
-        if max_length < 2:
-            raise ValueError(f"SFTDataModule.max_length must be at least 2, got {max_length}")
+        check_length_and_split("SFTDataModule", max_length, val_fraction)
         self.save_hyperparameters()
         self.train_file, self.val_file = train_file, val_file
         self.dataset, self.dataset_config = dataset, dataset_config

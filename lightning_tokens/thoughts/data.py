@@ -11,7 +11,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from lightning_tokens.data.encode import pad
-from lightning_tokens.data.module import EpochSeededSampler
+from lightning_tokens.data.module import EpochSeededSampler, check_length_and_split
 from lightning_tokens.data.reasoning_task import ReasoningTask, render_prompt
 
 
@@ -58,10 +58,7 @@ class PlainTextDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if max_length < 2:
-            raise ValueError(f"PlainTextDataModule.max_length must be at least 2, got {max_length}")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"PlainTextDataModule.val_fraction must be in [0, 1), got {val_fraction}")
+        check_length_and_split("PlainTextDataModule", max_length, val_fraction)
         self.save_hyperparameters()
         self.train_file, self.dataset, self.dataset_config, self.split = train_file, dataset, dataset_config, split
         self.text_field, self.max_documents = text_field, max_documents
