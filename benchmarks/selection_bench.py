@@ -23,6 +23,7 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from lightning_tokens.modeling import enable_activation_checkpointing
 from lightning_tokens.selection import TokenSelection
 from lightning_tokens.selection.scoring import score_dataloader
 
@@ -62,7 +63,7 @@ def build(size, device, dtype, lora, checkpointing=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if lora:
         from peft import LoraConfig, get_peft_model
 

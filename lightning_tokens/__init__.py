@@ -23,6 +23,7 @@ from lightning_tokens.data.tokenizer import load_task_tokenizer
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
 from lightning_tokens.module import CausalLMModule
 from lightning_tokens.optim import OptimizerConfig
+from lightning_tokens.quantization import keep_4bit_weights_unpacked
 from lightning_tokens.selection import TokenSelection
 from lightning_tokens.thoughts import QuietSTaRModule, thoughtful_generate
 from lightning_tokens.thoughts.data import PlainTextDataModule
@@ -56,6 +57,7 @@ __all__ = [
     "estimate_thinking_length",
     "extract_answer",
     "generate_with_heads",
+    "keep_4bit_weights_unpacked",
     "load_causal_lm",
     "load_task_tokenizer",
     "self_distill",

@@ -6,14 +6,19 @@ into a ``(model, tokenizer)`` pair, with LoRA (PEFT) and bitsandbytes quantizati
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_tokens.quantization import bnb_config, from_pretrained_quantized
 
 Quantization = Literal["nf4", "fp4", "int8"]
 
@@ -135,16 +140,7 @@ def tiny_config(config: dict[str, Any], tokenizer: PreTrainedTokenizerBase):
 
 
 def _quantization_config(spec: ModelSpec):
-    from transformers import BitsAndBytesConfig
-
-    if spec.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=spec.quantization,
-        bnb_4bit_compute_dtype=resolve_compute_dtype(spec.compute_dtype),
-        bnb_4bit_use_double_quant=spec.double_quant,
-    )
+    return bnb_config(spec.quantization, resolve_compute_dtype(spec.compute_dtype), spec.double_quant)
 
 
 def _device_map() -> dict[str, Any]:
@@ -157,11 +153,11 @@ def _device_map() -> dict[str, Any]:
 def _build_base(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     kwargs: dict[str, Any] = dict(attn_implementation=spec.attn_implementation, dtype=_dtype(spec.dtype, "dtype"))
     if spec.name_or_path is not None:
+        kwargs.update(trust_remote_code=spec.trust_remote_code, **spec.extra)
         if spec.quantization:
-            kwargs.update(quantization_config=_quantization_config(spec), device_map=_device_map())
-        return AutoModelForCausalLM.from_pretrained(
-            spec.name_or_path, trust_remote_code=spec.trust_remote_code, **kwargs, **spec.extra
-        )
+            return from_pretrained_quantized(spec.name_or_path, _quantization_config(spec), device_map=_device_map(),
+                                             **kwargs)
+        return AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
     config = tiny_config(spec.config or {"model_type": "llama"}, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -171,8 +167,10 @@ def _build_base(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     # bitsandbytes quantizes while loading weights, so a tiny model goes through a temporary save.
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        kwargs.update(quantization_config=_quantization_config(spec), device_map=_device_map())
-        return AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+        model = from_pretrained_quantized(tmp, _quantization_config(spec), device_map=_device_map(), **kwargs)
+    # Not the deleted temporary folder: like any model built from a config, it has no source to name.
+    model.name_or_path = model.config._name_or_path = ""
+    return model
 
 
 def apply_lora(model: PreTrainedModel, lora: dict[str, Any]) -> nn.Module:
@@ -185,6 +183,19 @@ def apply_lora(model: PreTrainedModel, lora: dict[str, Any]) -> nn.Module:
     except TypeError as error:
         raise ValueError(f"ModelSpec.lora: {error}") from None
     return get_peft_model(model, config)
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation (gradient) checkpointing of every decoder layer of ``model``.
+
+    transformers 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old
+    name warns and goes in v6); the new one is called where it exists.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_causal_lm(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -206,7 +217,7 @@ def load_causal_lm(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerBase]
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     if spec.lora is not None:
         model = apply_lora(model, spec.lora)
@@ -231,6 +242,15 @@ def load_frozen_causal_lm(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokeniz
         model = _build_base(spec, tokenizer)
     model.requires_grad_(False)
     return model.eval(), tokenizer
+
+
+def base_reference(spec: ModelSpec) -> Optional[str]:
+    """How a saved adapter names the base of ``spec``: its hub name, its local directory as an absolute path
+    (an adapter is loaded from anywhere), or ``None`` for a model built from a config (nothing to name)."""
+    if spec.name_or_path is None:
+        return None
+    local = Path(spec.name_or_path).expanduser()
+    return str(local.resolve()) if local.is_dir() else spec.name_or_path
 
 
 def causal_lm_of(model: nn.Module) -> PreTrainedModel:
@@ -269,3 +289,23 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(layers, nn.ModuleList):
             return layers
     raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")
+
+
+#: Names a transformers forward has taken its KV cache under, newest first.
+CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def cache_keyword(module: nn.Module) -> str:
+    """The keyword under which ``module``'s forward takes its KV cache (``Cache``).
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` in the forwards of models, decoder layers and
+    attention modules (the old name still works there, with a FutureWarning, until 5.40). Reading the
+    signature serves every version and architecture without a version switch.
+    """
+    return _cache_keyword(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls: type) -> str:
+    parameters = inspect.signature(cls.forward).parameters
+    return next((name for name in CACHE_KEYWORDS if name in parameters), "past_key_values")

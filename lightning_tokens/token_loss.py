@@ -27,6 +27,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from lightning_tokens.modeling import causal_lm_of
+from lightning_tokens.quantization import keep_4bit_weights_unpacked
 
 IGNORE_INDEX = -100
 #: Checkpoint entry naming the submodules a callback attached to the LightningModule (CAFT's heads, say).
@@ -118,9 +119,15 @@ class TokenLossDispatcher:
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "TokenLossDispatcher":
-        """The dispatcher of ``model`` (the transformers model, found inside wrappers)."""
+        """The dispatcher of ``model`` (the transformers model, found inside wrappers).
+
+        A new dispatcher also keeps the model's 4-bit layers off bitsandbytes' CPU repacking path (see
+        :func:`~lightning_tokens.quantization.keep_4bit_weights_unpacked`): a model the user loaded would
+        otherwise stop passing gradients through its base weights after its first validation forward.
+        """
         model = causal_lm_of(model)
         if model not in cls._registry:
+            keep_4bit_weights_unpacked(model)
             cls._registry[model] = cls(model)
         return cls._registry[model]
 

@@ -35,6 +35,21 @@ def _seed_and_one_thread():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _as_on_an_avx512bf16_cpu(monkeypatch):
+    """Every test runs as on a CPU with AVX512-BF16, whatever this one has.
+
+    bitsandbytes gives each new 4-bit layer a ``support_avx512bf16_for_cpu`` flag from the CPU; set, it sends
+    eval forwards under no_grad to a weight-repacking path (see ``lightning_tokens.quantization``). Forcing
+    the flag on makes a layer the package forgets to pin fail here too: where the CPU lacks the instruction
+    set, the repacked weights meet no matching kernel and give wrong numbers or raise.
+    """
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    yield
+
+
 @pytest.fixture
 def tokenizer():
     from lightning_tokens.data.tokenizer import load_task_tokenizer

@@ -74,8 +74,8 @@ class Interrupt(Callback):
             raise KeyboardInterrupt
 
 
-def _fit(tmp_path, *extra, interrupt_at=None, ckpt_path=None):
-    args = ["--config", str(ROOT / "configs/sft/tiny.yaml"), *SMALL_TASK, "--trainer.max_epochs", "3",
+def _fit(tmp_path, *extra, interrupt_at=None, ckpt_path=None, config="configs/sft/tiny.yaml"):
+    args = ["--config", str(ROOT / config), *SMALL_TASK, "--trainer.max_epochs", "3",
             "--data.init_args.batch_size", "8", "--model.init_args.max_new_tokens", "8",
             "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
@@ -90,13 +90,16 @@ def _fit(tmp_path, *extra, interrupt_at=None, ckpt_path=None):
     return cli
 
 
-@pytest.mark.parametrize("interrupt_at,every_n_steps", [(6, None), (9, "1")], ids=["epoch-boundary", "mid-epoch"])
-def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, interrupt_at, every_n_steps):
+@pytest.mark.parametrize("config,interrupt_at,every_n_steps", [
+    ("configs/sft/tiny.yaml", 6, None), ("configs/sft/tiny.yaml", 9, "1"), ("configs/sft/qlora-tiny.yaml", 9, "1"),
+], ids=["epoch-boundary", "mid-epoch", "qlora-mid-epoch"])
+def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, config, interrupt_at, every_n_steps):
     extra = ["--checkpoint.every_n_train_steps", every_n_steps] if every_n_steps else []
-    straight = _fit(tmp_path / "a", *extra)
-    interrupted = _fit(tmp_path / "b", *extra, interrupt_at=interrupt_at)
+    straight = _fit(tmp_path / "a", *extra, config=config)
+    interrupted = _fit(tmp_path / "b", *extra, interrupt_at=interrupt_at, config=config)
     assert interrupted.trainer.global_step == interrupt_at and interrupted.trainer.interrupted
-    resumed = _fit(tmp_path / "b", *extra, ckpt_path="last")
+    resumed = _fit(tmp_path / "b", *extra, ckpt_path="last", config=config)
+    assert straight.model.state_dict().keys() == resumed.model.state_dict().keys()
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
     for key in ("val/loss", "val/ppl", "train/loss"):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_frozen_causal_lm
+from lightning_tokens.quantization import bnb_config, from_pretrained_quantized
 from lightning_tokens.token_loss import IGNORE_INDEX, TokenLossContext, per_token_loss
 
 #: Keyword arguments of a causal LM call that a history forward passes on (labels never).
@@ -140,18 +141,12 @@ class DisabledAdapters(HistorySource):
 
 def quantized_copy(model: nn.Module, quantization: str, device: torch.device) -> nn.Module:
     """A bitsandbytes 8-bit (``"int8"``) or 4-bit (``"nf4"``, ``"fp4"``) copy of ``model``'s current weights."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    if quantization == "int8":
-        config = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
-                                    bnb_4bit_compute_dtype=next(model.parameters()).dtype)
+    dtype = next(model.parameters()).dtype
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         place = device.index if device.type == "cuda" else device.type
-        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=config, device_map={"": place},
-                                                    dtype=next(model.parameters()).dtype)
+        return from_pretrained_quantized(tmp, bnb_config(quantization, dtype, double_quant=False),
+                                         device_map={"": place}, dtype=dtype)
 
 
 class FrozenCopy(HistorySource):

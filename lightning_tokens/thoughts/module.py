@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from lightning_tokens.data.reasoning_task import check_answer
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
+from lightning_tokens.quantization import restore_4bit_quant_states
 from lightning_tokens.thoughts.generate import ThoughtfulOutput, thoughtful_generate
 from lightning_tokens.thoughts.heads import MixingHead, ThoughtEmbeddings
 from lightning_tokens.thoughts.loss import QuietSTaRLoss, next_token_targets, quiet_star_loss
@@ -209,6 +210,9 @@ class QuietSTaRModule(LightningModule):
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
         return configure(self.optim, groups, int(self.trainer.estimated_stepping_batches))
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_4bit_quant_states(self, checkpoint.get("state_dict", {}))
+
     def export(self, path: str | Path) -> Path:
         """Write the model and tokenizer (``save_pretrained``, delimiter rows set to the trained embeddings)
         and ``quiet_star.pt`` (mixing head, thought embeddings, settings) into ``path``."""
@@ -260,6 +264,7 @@ def _load_module_checkpoint(model, path: str) -> None:
         raise ValueError(f"QuietSTaRModule.init_checkpoint: {path}: no such file")
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     weights = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
+    restore_4bit_quant_states(model, weights)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [key for key in missing if "lora_" not in key]:
         raise ValueError(f"QuietSTaRModule.init_checkpoint: {path} does not match the model "
