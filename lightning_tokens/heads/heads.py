@@ -23,7 +23,7 @@ from typing import Any, Iterator, Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_tokens.modeling import causal_lm_of, decoder_layers
+from lightning_tokens.modeling import cache_keyword, causal_lm_of, decoder_layers
 
 Architecture = Literal["layer", "resblock"]
 WEIGHTS_NAME = "heads.safetensors"
@@ -243,7 +243,7 @@ class MultiTokenHeads(nn.Module):
             return block(hidden)
         batch, length = hidden.shape[:2]
         mask = causal_additive_mask(attention_mask, length, past_length, dtype, hidden.device, batch)
-        kwargs: dict[str, Any] = dict(attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
+        kwargs: dict[str, Any] = {"attention_mask": mask, cache_keyword(block): cache, "use_cache": cache is not None}
         if trunk.position_embeddings is not None:
             kwargs["position_embeddings"] = tuple(p.to(dtype) for p in trunk.position_embeddings)
         if trunk.position_ids is not None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tokens.heads.heads import MultiTokenHeads, Trunk, capture_trunk
-from lightning_tokens.modeling import causal_lm_of
+from lightning_tokens.modeling import cache_keyword, causal_lm_of
 
 
 @dataclass
@@ -110,7 +110,7 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
     drafter = _HeadDrafter(heads, base, num_draft)
     try:
         with capture_trunk(base) as holder:
-            logits = base(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+            logits = base(input_ids=input_ids, use_cache=True, **{cache_keyword(base): cache}).logits
             stats.forwards += 1
             drafts = drafter.advance(holder["trunk"])
         generated = [int(logits[0, -1].argmax())]
@@ -120,7 +120,7 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
             candidate = torch.tensor([[generated[-1], *proposal]], device=input_ids.device)
             past = cache.get_seq_length()
             with capture_trunk(base) as holder:
-                logits = base(input_ids=candidate, past_key_values=cache, use_cache=True).logits
+                logits = base(input_ids=candidate, use_cache=True, **{cache_keyword(base): cache}).logits
                 stats.forwards += 1
                 choices = logits[0].argmax(-1).tolist()
                 kept = 0

@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, Cache
 
 from lightning_tokens.modeling import decoder_layers
 
@@ -170,10 +170,10 @@ class AttentionProbe:
             raise RuntimeError(f"the inputs of decoder layer {self.layer}'s attention were not captured in this "
                                "forward; was the model called with input_ids?")
         args, kwargs = captured[self.key]
-        kwargs = dict(kwargs)
-        for name in ("past_key_values", "past_key_value", "layer_past"):
-            if name in kwargs:
-                kwargs[name] = None  # the training forward's cache already holds this layer's keys
+        # The training forward's cache already holds this layer's keys: a second update would append them
+        # again. Drop it whatever it is called (``past_key_values`` up to transformers 5.23, ``cache`` after).
+        args = tuple(None if isinstance(value, Cache) else value for value in args)
+        kwargs = {name: None if isinstance(value, Cache) else value for name, value in kwargs.items()}
         with _probing(self.module):
             try:
                 self.module(*args, **kwargs)

@@ -16,9 +16,8 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
-from lightning_tokens.modeling import causal_lm_of
+from lightning_tokens.modeling import cache_keyword, causal_lm_of, decoder_of
 from lightning_tokens.thoughts.heads import MixingHead
-from lightning_tokens.modeling import decoder_of
 from lightning_tokens.thoughts.parallel import check_supported, forbid, positions_of, sample_tokens
 
 
@@ -93,7 +92,7 @@ def thoughtful_generate(
         nonlocal mask
         mask = torch.cat([mask, mask.new_ones(batch, inputs.shape[1])], dim=-1) if cache.get_seq_length() else mask
         out = backbone(inputs_embeds=inputs, attention_mask=mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True)
+                       use_cache=True, **{cache_keyword(backbone): cache})
         return out.last_hidden_state[:, -1]
 
     try:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
-from lightning_tokens.modeling import decoder_of
+from lightning_tokens.modeling import cache_keyword, decoder_of
 
 
 @dataclass
@@ -143,7 +143,7 @@ def parallel_thoughts(
 
     def step(inputs: Tensor, mask: Tensor, position_ids: Tensor) -> Tensor:
         out = backbone(inputs_embeds=inputs, attention_mask=additive(mask, dtype), position_ids=position_ids,
-                       past_key_values=cache, use_cache=True)
+                       use_cache=True, **{cache_keyword(backbone): cache})
         return out.last_hidden_state
 
     base_hidden = step(embeds, allowed, positions)
