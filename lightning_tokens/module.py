@@ -12,8 +12,9 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, check_answer, thinking_length
-from lightning_tokens.modeling import ModelSpec, is_quantized, load_causal_lm
+from lightning_tokens.modeling import ModelSpec, base_reference, is_quantized, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups, remember_total_steps, total_training_steps
+from lightning_tokens.quantization import restore_4bit_quant_states
 from lightning_tokens.token_loss import ATTACHED_MODULES_KEY
 
 
@@ -149,6 +150,7 @@ class CausalLMModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         remember_total_steps(self, checkpoint, loading=True)
+        restore_4bit_quant_states(self, checkpoint.get("state_dict", {}))
         # Submodules a callback attached (CAFT's heads) are in the checkpoint. Loaded without that callback
         # (``load_from_checkpoint`` for inference or export) they are not wanted: drop them instead of failing
         # strict loading. With the callback they exist by now (its ``setup`` runs first) and are restored.
@@ -160,7 +162,14 @@ class CausalLMModule(LightningModule):
 
     # -- export ----------------------------------------------------------------------------------------
     def export(self, path: str | Path, merge_lora: bool = False) -> Path:
-        """Write the model and tokenizer with ``save_pretrained`` (a loadable Hugging Face directory).
+        """Write the model and tokenizer with ``save_pretrained``: a directory plain transformers / PEFT load.
+
+        A full or merged model loads with ``AutoModelForCausalLM.from_pretrained(path)``. Adapters load with
+        ``peft.AutoPeftModelForCausalLM.from_pretrained(path)``: their config names the base as the spec
+        does (its hub name, or its local directory as an absolute path). A base built from a config has no
+        such name, so it is written too, as it was trained (quantized weights included), to ``path/base``,
+        and the adapters name that directory's absolute path. After moving the export, load that base
+        yourself: ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(new / "base"), new)``.
 
         Args:
             path: Output directory.
@@ -175,6 +184,28 @@ class CausalLMModule(LightningModule):
                 raise ValueError("export(merge_lora=True): the base weights are quantized; merging into 4/8-bit "
                                  "weights is lossy. Reload the base unquantized with the adapters and merge there.")
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(path)
+        if hasattr(model, "peft_config"):
+            _save_adapters(model, self.tokenizer, base_reference(self.spec), path)
+        else:
+            model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         return path
+
+
+def _save_adapters(model: Any, tokenizer: Any, base: Optional[str], path: Path) -> None:
+    """``model.save_pretrained(path)`` for a PEFT model, its configs naming ``base`` (written first if ``None``)."""
+    if base is None:
+        base_dir = path / "base"
+        # unload() takes the adapters out of a copy, leaving the base exactly as it trained (no merge).
+        copy.deepcopy(model).unload().save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+        base = str(base_dir.resolve())
+    configs = model.peft_config.values()
+    previous = [config.base_model_name_or_path for config in configs]
+    try:
+        for config in configs:
+            config.base_model_name_or_path = base
+        model.save_pretrained(path)
+    finally:
+        for config, name in zip(configs, previous):
+            config.base_model_name_or_path = name
