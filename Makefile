@@ -1,11 +1,16 @@
-# Two commands on a fresh machine:
+# Commands on a fresh machine:
 #   make quickstart   install, then train the tiny model on the embedded reasoning task (CPU, minutes)
-#   make test         install, then run the whole test suite
+#   make test         install the pinned versions (requirements-ci.txt), then run the whole test suite
+#   make test-latest  the same suite on the newest versions pyproject.toml allows (what `pip install -e .` gives)
 VENV ?= .venv
+LATEST_VENV ?= .venv-latest
 PYTHON ?= python3
 PY := $(VENV)/bin/python
+# The newest torch on PyPI is a multi-GB CUDA build: the latest set keeps the pinned CPU wheel.
+TORCH_PIN := $(shell grep -E '^torch==' requirements-ci.txt)
+PYTEST_ARGS := -q -p no:cacheprovider --nbmake tests notebooks
 
-.PHONY: install quickstart test benchmarks clean
+.PHONY: install install-latest quickstart test test-latest benchmarks clean
 
 $(VENV)/.installed: pyproject.toml requirements-ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,15 +20,26 @@ $(VENV)/.installed: pyproject.toml requirements-ci.txt
 
 install: $(VENV)/.installed
 
+# A fresh resolve every time (eager upgrades), so it always tests the newest releases.
+install-latest:
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" "$(TORCH_PIN)"
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
+
 quickstart: install
 	$(VENV)/bin/lightning-tokens fit --config configs/sft/tiny.yaml
 
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --nbmake tests notebooks
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-latest: install-latest
+	@echo "newest allowed versions:"; grep -iE '^(torch|lightning|torchmetrics|transformers|tokenizers|peft|bitsandbytes|jsonargparse|datasets)==' $(LATEST_VENV)/versions.txt
+	OMP_NUM_THREADS=1 $(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 benchmarks: install
 	$(PY) benchmarks/sft_main_job.py
 	$(PY) benchmarks/memory_footprint.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) runs .pytest_cache

@@ -37,5 +37,5 @@ def test_every_function_imported_in_the_readme_is_public_api():
 
 def test_make_targets_in_the_readme_exist():
     makefile = (ROOT / "Makefile").read_text()
-    for target in set(re.findall(r"(?:^|`)make (\w+)", README, re.M)):
+    for target in set(re.findall(r"(?:^|`)make ([\w-]+)", README, re.M)):
         assert re.search(rf"^{target}:", makefile, re.M), target
