@@ -119,6 +119,5 @@ def restore_4bit_quant_states(module: nn.Module, state_dict: dict[str, Any], pre
         stats = {key[len(weight_key) + 1:]: state_dict.pop(key) for key in stats_keys}
         layer.weight = Params4bit.from_prequantized(state_dict[weight_key], stats, requires_grad=False,
                                                     device=layer.weight.device, module=layer)
-        layer.support_avx512bf16_for_cpu = False  # as keep_4bit_weights_unpacked, for the new weight
-        restored += 1
+        restored += keep_4bit_weights_unpacked(layer)
     return restored
