@@ -33,9 +33,9 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype, double_quant: bool
 def keep_4bit_weights_unpacked(model: nn.Module) -> int:
     """Keep every bitsandbytes 4-bit layer of ``model`` off the CPU weight-repacking path; CUDA is unaffected.
 
-    bitsandbytes 0.50 gives each ``Linear4bit`` a ``support_avx512bf16_for_cpu`` flag, true
-    on CPUs with AVX512-BF16 (current EPYC and Xeon parts). With it set, a forward on CPU in eval mode whose
-    input needs no gradient (validation, a ``no_grad`` history or generation forward) rewrites the layer's
+    bitsandbytes 0.50 gives each ``Linear4bit`` a ``support_avx512bf16_for_cpu`` flag, true on CPUs with
+    AVX512-BF16 (current EPYC and Xeon parts). With it set, a forward on CPU in eval mode whose input needs no
+    gradient (validation, a ``no_grad`` history or generation forward) rewrites the layer's
     weight in place into a layout for an AVX512-BF16 kernel, and the layer never goes back:
 
     - the rewrite needs ``in_features % 64 == 0`` and ``out_features % 32 == 0`` and raises otherwise;
