@@ -134,6 +134,8 @@ def reference_loss(module, passes, ids, mask, targets, base_weight, policy_weigh
         for i in range(length):
             if targets[b, i] >= 0:
                 base_terms.append(-base_lp[b, i, targets[b, i]])
+            if not mask[b, i]:
+                continue  # a branch at a padding position is no thought
             for k in range(n):
                 row = b * n + k
                 total, complete = 0.0, True
@@ -211,6 +213,37 @@ def test_targets_and_difficult_tokens():
         k = math.ceil(0.25 * values.numel())
         torch.testing.assert_close(out.difficult_base_nll, values.sort(descending=True).values[:k].mean().float())
     assert out.difficult_base_nll >= out.base_nll
+
+
+def padded(rows, width, side):
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        place = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[i, place], mask[i, place] = torch.tensor(row), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_left_and_right_padding_give_the_same_loss_and_gradients(attn):
+    # Rows of 3 and 4 tokens are shorter than a thought window (thought_length + 2 = 5) and than the talk steps.
+    module = make_module(attn=attn)
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 3, 6, 4)]
+    results = {}
+    for side in ("right", "left"):
+        module.zero_grad()
+        out = module.quiet_star(*padded(rows, 10, side), temperature=0.0)  # greedy thoughts: the same on both
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+        results[side] = (out.metrics(), grads)
+    (right, right_grads), (left, left_grads) = results["right"], results["left"]
+    assert right["mixed_nll"] > 0 and right["reward"] != 0
+    for name in right:
+        torch.testing.assert_close(left[name], right[name], rtol=0, atol=1e-6, msg=name)
+    assert right_grads.keys() == left_grads.keys() and right_grads
+    for name in right_grads:
+        torch.testing.assert_close(left_grads[name], right_grads[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_short_samples_and_padding_rows_give_finite_loss_and_grads():

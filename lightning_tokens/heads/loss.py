@@ -1,7 +1,7 @@
 """Per-head cross-entropy without ever building ``(K + 1, B, T, V)`` logits.
 
-Head ``k`` at position ``t`` is scored against ``labels[t + 1 + k]``. Only positions whose target is not
-``-100`` are projected onto the vocabulary, ``chunk_size`` rows at a time; under autograd each chunk runs
+Head ``k`` at position ``t`` is scored against ``labels[t + 1 + k]``. Only positions that are real tokens and whose
+target is a real token not labelled ``-100`` are projected onto the vocabulary, ``chunk_size`` rows at a time; under autograd each chunk runs
 inside activation checkpointing, so its ``(chunk, V)`` logits are freed at once and recomputed in backward.
 Peak extra memory is one chunk of logits instead of ``K * B * T * V``.
 """
@@ -98,6 +98,11 @@ def head_losses(heads: MultiTokenHeads, model: nn.Module, trunk: Trunk, labels: 
             continue
         targets = labels[:, shift:]
         valid = targets != IGNORE_INDEX
+        if attention_mask is not None:
+            # Both ends must be real tokens: a padding position's hidden state is not a prediction (under left
+            # padding and eager attention it even depends on later tokens), and a padding target is none.
+            real = attention_mask.bool()
+            valid = valid & real[:, : length - shift] & real[:, shift:]
         count = valid.sum()
         states = heads.head_states(k, trunk, attention_mask)[:, : length - shift][valid]
         total, correct = chunked_cross_entropy(lambda x, k=k: heads.project(model, k, x), states, targets[valid],

@@ -3,6 +3,8 @@
 With ``T`` talk steps and ``n`` thoughts per position (``ce`` = cross-entropy of the true token):
 
 - NLL: ``base_loss_weight * mean ce(base) + (1 - base_loss_weight) * mean_s mean ce(mixed, step s)``.
+- A thought branch counts (in the mixed NLL, the mixing weight, the reward) only where it starts at a real
+  token and its talk step's target is a real target: branches at padding positions are no thoughts.
 - Reward of thought ``k`` at position ``i``: ``r = sum_s [log p_mix(x_i+1+s) - log p_base(x_i+1+s)]``,
   defined where all ``T`` targets exist; advantage ``A = max(0, r - mean_k r)`` (no gradient).
 - REINFORCE: ``-A * log pi(t)`` of every sampled thought token with ``pi = softmax(logits / 3)``, averaged
@@ -136,6 +138,10 @@ def quiet_star_loss(
     base_nll = _masked_mean(base_ce, valid)
 
     rows_targets = targets.repeat_interleave(n, 0)
+    if passes.attention_mask is not None:
+        branch_real = passes.attention_mask.bool().repeat_interleave(n, 0)
+    else:
+        branch_real = torch.ones_like(rows_targets, dtype=torch.bool)
     rows_base_hidden = passes.base_hidden.repeat_interleave(n, 0)
     rows_base_ce = base_ce.detach().repeat_interleave(n, 0)
     step_nlls, weights, weight_masks = [], [], []
@@ -144,7 +150,7 @@ def quiet_star_loss(
     first_mixed_ce = None
     for shift, talk in enumerate(passes.talk_hidden):
         tgt = shift_left(rows_targets, shift, IGNORE_INDEX)
-        step_valid = tgt != IGNORE_INDEX
+        step_valid = (tgt != IGNORE_INDEX) & branch_real
         base = shift_left(rows_base_hidden, shift, 0.0)
         ce, weight = checkpoint(mixed_nll, base, talk, tgt, use_reentrant=False)
         if step_valid.any():

@@ -39,12 +39,15 @@ class ThoughtPasses:
         thought_tokens: ``(B * n, L, thought_length)`` sampled thought tokens (detached).
         talk_hidden: ``n_ahead_talk`` tensors ``(B * n, L, d)``: talk step ``s`` at position ``i`` predicts
             ``x_i+1+s`` after the thought (step 0 follows ``<eot>``, step ``s`` has read ``x_i+1..x_i+s``).
+        attention_mask: ``(B, L)`` the batch's padding mask: only branches at real positions are thoughts.
+            Default ``None``: no padding.
     """
 
     base_hidden: Tensor
     thought_hidden: list[Tensor]
     thought_tokens: Tensor
     talk_hidden: list[Tensor]
+    attention_mask: Optional[Tensor] = None
 
 
 def check_supported(lm: PreTrainedModel) -> None:
@@ -176,4 +179,4 @@ def parallel_thoughts(
         shifted = torch.nn.functional.pad(repeated_ids[:, shift:], (0, shift), value=pad_token_id)
         talk_hidden.append(thought_step(embed(shifted), pass_index + shift))
     thought_tokens = torch.stack(tokens, -1) if tokens else input_ids.new_zeros(rows, length, 0)
-    return ThoughtPasses(base_hidden, thought_hidden, thought_tokens, talk_hidden)
+    return ThoughtPasses(base_hidden, thought_hidden, thought_tokens, talk_hidden, attention_mask)
