@@ -24,7 +24,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from lightning_tokens.modeling import causal_lm_of
 from lightning_tokens.quantization import keep_4bit_weights_unpacked
@@ -116,6 +118,9 @@ class TokenLossDispatcher:
         self._captured: dict[str, tuple[tuple, dict]] = {}
         self._active = False
         self._busy = False
+        #: Forwards of the model so far: ``dispatched`` (training mode, with labels: handlers ran), and those
+        #: passed through untouched for being in ``eval_mode`` or having ``no_labels``.
+        self.counts = {"dispatched": 0, "eval_mode": 0, "no_labels": 0}
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "TokenLossDispatcher":
@@ -196,8 +201,12 @@ class TokenLossDispatcher:
         ]
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict):
-        if module is not self.model or self._busy or not module.training or kwargs.get("labels") is None:
+        if module is not self.model or self._busy:
             return None
+        if not module.training or kwargs.get("labels") is None:
+            self.counts["eval_mode" if not module.training else "no_labels"] += 1
+            return None
+        self.counts["dispatched"] += 1
         kwargs = dict(kwargs)
         self._labels = kwargs.pop("labels")
         self._captured = {}
@@ -236,32 +245,71 @@ def find_causal_lm(pl_module: LightningModule, attribute: Optional[str] = None) 
     Args:
         pl_module: The LightningModule.
         attribute: Dotted attribute path to the model inside ``pl_module`` (``"model"``, ``"net.lm"``).
-            Default ``None``: the first Hugging Face causal LM among ``pl_module``'s submodules.
+            Default ``None``: the module's only Hugging Face causal LM, or, when it holds several (a frozen
+            teacher beside the student, say), the only one with trainable parameters.
+
+    Raises:
+        ValueError: No causal LM, or several and not exactly one of them trainable: the message lists them
+            by attribute path, to pass one as ``model_attribute``.
     """
-    if attribute is None:
-        return causal_lm_of(pl_module)
-    target: Any = pl_module
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise AttributeError(f"{type(pl_module).__name__} has no attribute path {attribute!r} (at {part!r})")
-        target = getattr(target, part)
-    return causal_lm_of(target)
+    if attribute is not None:
+        target: Any = pl_module
+        for part in attribute.split("."):
+            if not hasattr(target, part):
+                raise AttributeError(f"{type(pl_module).__name__} has no attribute path {attribute!r} (at {part!r})")
+            target = getattr(target, part)
+        return causal_lm_of(target)
+    candidates = _causal_lms(pl_module)
+    if len(candidates) == 1:
+        return candidates[0][1]
+    if not candidates:
+        raise ValueError(f"no Hugging Face causal LM found inside {type(pl_module).__name__}")
+    trainable = [model for _, model in candidates if any(p.requires_grad for p in model.parameters())]
+    if len(trainable) == 1:
+        return trainable[0]
+    listing = ", ".join(f"{path!r} ({'trainable' if model in trainable else 'frozen'})" for path, model in candidates)
+    raise ValueError(f"{type(pl_module).__name__} holds {len(candidates)} causal LMs: {listing}, and "
+                     f"{'none' if not trainable else len(trainable)} of them trainable, so which one trains is "
+                     "ambiguous; name it with the callback's model_attribute (e.g. model_attribute="
+                     f"{candidates[0][0]!r})")
+
+
+def _causal_lms(pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every outermost Hugging Face causal LM in ``pl_module``, by the shortest attribute path that reaches it."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in pl_module.named_modules():
+        if not isinstance(module, PreTrainedModel) or module.get_output_embeddings() is None:
+            continue
+        if any(m is module or name.startswith(path + ".") for path, m in found):
+            continue
+        parts = name.split(".")
+        # A PEFT wrapper hides the model at ``<attr>.base_model.model``: name the attribute the user set.
+        path = next(".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                    if causal_lm_of(pl_module.get_submodule(".".join(parts[:i]))) is module)
+        found.append((path, module))
+    return found
 
 
 class TokenLossCallback(Callback):
     """Base class of callbacks that reshape the per-token training loss of a causal LM.
 
-    Subclasses implement :meth:`reshape_token_loss`. On ``setup`` the callback joins the dispatcher of
-    the causal LM found in the LightningModule; on ``teardown`` it leaves.
+    Subclasses implement :meth:`reshape_token_loss`; those that override the ``on_train_batch_start`` /
+    ``on_train_batch_end`` hooks call ``super()``. On ``setup`` the callback joins the dispatcher of the causal
+    LM found in the LightningModule; on ``teardown`` it leaves. If no forward of that model is dispatched in
+    the first training batch (the model in eval mode, called without ``labels``, or not called at all), the
+    callback warns once, saying which.
 
     Args:
         model_attribute: Dotted attribute path of the causal LM inside the LightningModule. Default
-            ``None``: found automatically (the first Hugging Face causal LM among its submodules).
+            ``None``: found automatically (see :func:`find_causal_lm`: the only causal LM, or the only
+            trainable one among several).
     """
 
     def __init__(self, model_attribute: Optional[str] = None) -> None:
         self.model_attribute = model_attribute
         self.dispatcher: Optional[TokenLossDispatcher] = None
+        self._first_batch_counts: Optional[dict[str, int]] = None
+        self._checked_first_batch = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.dispatcher = TokenLossDispatcher.for_model(find_causal_lm(pl_module, self.model_attribute))
@@ -272,6 +320,36 @@ class TokenLossCallback(Callback):
             self.dispatcher.remove(self)
             self.dispatcher = None
 
+    # A callback that never acts must not go unnoticed: the first training batch is watched, and if no forward
+    # of the model was dispatched in it, one warning says what the callback needs and what it saw.
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._checked_first_batch and self.dispatcher is not None:
+            self._first_batch_counts = dict(self.dispatcher.counts)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._checked_first_batch or self._first_batch_counts is None or self.dispatcher is None:
+            return
+        self._checked_first_batch = True
+        seen = {key: value - self._first_batch_counts[key] for key, value in self.dispatcher.counts.items()}
+        if seen["dispatched"] == 0:
+            rank_zero_warn(inert_message(type(self).__name__, type(self.dispatcher.model).__name__, seen))
+
     def reshape_token_loss(self, ctx: TokenLossContext) -> None:
         """Change ``ctx.weights`` or add to ``ctx.extra_losses`` for one training forward."""
         raise NotImplementedError
+
+
+def inert_message(callback: str, model: str, seen: dict[str, int]) -> str:
+    """The warning of a callback whose first training batch dispatched no forward of its model."""
+    if seen["eval_mode"]:
+        why = (f"{seen['eval_mode']} forward(s) of it ran in eval mode: call model.train() in your module "
+               "(from_pretrained returns a model in eval mode, and Lightning keeps a submodule's mode)")
+    elif seen["no_labels"]:
+        why = (f"{seen['no_labels']} forward(s) of it had no labels: call it with labels=... and return "
+               "outputs.loss (a loss computed from outputs.logits cannot be reshaped)")
+    else:
+        why = ("no forward of it ran in the batch: is it the model your training_step calls? Name that one "
+               "with model_attribute")
+    return (f"{callback} did nothing in the first training batch. It reshapes the loss of {model} forwards run "
+            f"in training mode with labels, and {why}.")

@@ -130,6 +130,7 @@ class ConceptAwareFineTuning(TokenLossCallback):
             self.total_steps = max(1, int(total))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self.step = trainer.global_step
 
     @property
@@ -154,6 +155,7 @@ class ConceptAwareFineTuning(TokenLossCallback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         for name, value in self._last.items():
             pl_module.log(f"train/{name}", value, on_step=True, on_epoch=False)
         self._last = {}

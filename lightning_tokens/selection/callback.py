@@ -7,7 +7,6 @@ from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_tokens.modeling import ModelSpec
@@ -205,19 +204,18 @@ class TokenSelection(TokenLossCallback):
         self.detach()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.dispatcher is not None and not self.dispatcher.model.training:
-            rank_zero_warn("TokenSelection: the causal LM is in eval mode at the start of training (from_pretrained "
-                           "returns eval mode), so no token is selected; call model.train() in your module")
         if self.warmup < 1 and not self._restored:  # a resumed run keeps the warm-up it started with
             total = trainer.estimated_stepping_batches
             self.warmup_steps = round(self.warmup * total) if math.isfinite(total) else 0
         self.global_step = trainer.global_step
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self.global_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if trainer.global_step != self.global_step and self.source is not None:
             self.source.after_optimizer_step(pl_module)
         self.global_step = trainer.global_step
