@@ -195,3 +195,26 @@ def test_precomputed_file_for_other_data_is_refused(tmp_path):
             module, datamodule=SFTDataModule(task=ReasoningTask(**SMALL_TASK), batch_size=4, max_length=128))
     with pytest.raises(FileNotFoundError, match="history_file"):
         TokenSelection(history="precomputed", history_file=str(tmp_path / "none.pt")).attach(module.model)
+
+
+class GammaRecorder(pl.Callback):
+    """Reads the gamma TokenSelection will use for each batch (after its own batch-start hook)."""
+
+    def __init__(self, selection):
+        self.selection, self.gammas = selection, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.gammas.append(self.selection.current_gamma())
+
+
+@pytest.mark.parametrize("per_epoch,expected", [
+    (False, [0.0] * 4 + [0.5] * 6),  # the first 40% of all 10 steps
+    (True, [0.0, 0.0, 0.5, 0.5, 0.5] * 2),  # the first 40% of each epoch's 5 batches
+])
+def test_warmup_once_or_at_every_epoch(per_epoch, expected):
+    module = CausalLMModule(model=ModelSpec(config=tiny_config("llama")), max_new_tokens=2)
+    data = SFTDataModule(task=ReasoningTask(**{**SMALL_TASK, "num_train": 20}), batch_size=4, max_length=64)
+    selection = TokenSelection(warmup=0.4, warmup_per_epoch=per_epoch)
+    recorder = GammaRecorder(selection)
+    trainer(max_epochs=2, callbacks=[selection, recorder]).fit(module, datamodule=data)
+    assert recorder.gammas == expected

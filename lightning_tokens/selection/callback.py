@@ -49,9 +49,14 @@ class TokenSelection(TokenLossCallback):
     Args:
         ratio: Fraction of each sample's response tokens kept (the paper's rho), in (0, 1]. Default ``0.6``.
         gamma: Weight of REL against the attention score (the paper's gamma), in [0, 1]. Default ``0.5``.
-        warmup: Training steps at the start during which gamma is 0 (attention only), as in the reference
-            code: a fraction of all optimizer steps when < 1, a number of steps when >= 1. Only for
-            ``mode="sstoken"``. Default ``0.2``.
+        warmup: Training steps during which gamma is 0 (attention only): a fraction of the steps when < 1, a
+            number of optimizer steps when >= 1. Only for ``mode="sstoken"``. Default ``0.2``, counted once
+            over the whole run (the first 20% of all steps); see ``warmup_per_epoch`` for the reference
+            code's variant.
+        warmup_per_epoch: Restart the warm-up at every epoch, as the reference code does (gamma is 0 for the
+            first 10,000 samples of each epoch, 20% of its 50k set): a fraction is then of the epoch's batches,
+            a number is of optimizer steps into the epoch. Default ``False`` (one warm-up at the start: with
+            the paper's single epoch both are the same).
         attention_layer: Decoder layer whose attention scores tokens; negative counts from the end.
             Default ``-1`` (the last, as in the paper).
         mode: ``"sstoken"`` (the mix), ``"loss"`` (REL only, gamma 1, no warm-up), ``"attention"``
@@ -78,6 +83,7 @@ class TokenSelection(TokenLossCallback):
         ratio: float = 0.6,
         gamma: float = 0.5,
         warmup: float = 0.2,
+        warmup_per_epoch: bool = False,
         attention_layer: int = -1,
         mode: Mode = "sstoken",
         history: History = "base",
@@ -109,13 +115,16 @@ class TokenSelection(TokenLossCallback):
         if mode == "rho1" and reference is None:
             raise ValueError("TokenSelection.reference (a ModelSpec) is required with mode='rho1'")
         self.ratio, self.gamma, self.warmup = float(ratio), float(gamma), warmup
+        self.warmup_per_epoch = bool(warmup_per_epoch)
         self.attention_layer, self.mode, self.history = attention_layer, mode, history
         self.ema_decay, self.history_quantization = ema_decay, history_quantization
         self.history_file, self.reference, self.seed = history_file, reference, seed
         self.probe: Optional[AttentionProbe] = None
         self.source: Optional[HistorySource] = None
         self.warmup_steps = int(warmup) if warmup >= 1 else 0
+        self.epoch_warmup_batches = 0  # with warmup_per_epoch: batches of every epoch in the warm-up
         self.global_step = 0
+        self.epoch_batch = 0
         self.forwards = 0
         self.rank = 0
         self.metrics: dict[str, float] = {}
@@ -135,9 +144,16 @@ class TokenSelection(TokenLossCallback):
         """The gamma in force now: 1 for ``"loss"``, 0 for ``"attention"`` and during the warm-up."""
         if self.mode == "loss":
             return 1.0
-        if self.mode == "attention" or self.global_step < self.warmup_steps:
+        if self.mode == "attention" or self.in_warmup:
             return 0.0
         return self.gamma
+
+    @property
+    def in_warmup(self) -> bool:
+        """Whether the current batch is in the warm-up (of the run, or of its epoch with ``warmup_per_epoch``)."""
+        if self.warmup_per_epoch:
+            return self.epoch_batch < self.epoch_warmup_batches
+        return self.global_step < self.warmup_steps
 
     # -- attaching ---------------------------------------------------------------------------------------
     def attach(self, model: nn.Module, pl_module: Optional[nn.Module] = None,
@@ -204,14 +220,19 @@ class TokenSelection(TokenLossCallback):
         self.detach()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.warmup < 1 and not self._restored:  # a resumed run keeps the warm-up it started with
+        if self.warmup_per_epoch and self.warmup >= 1:
+            self.epoch_warmup_batches = int(self.warmup) * trainer.accumulate_grad_batches
+        elif self.warmup_per_epoch:
+            per_epoch = trainer.num_training_batches
+            self.epoch_warmup_batches = round(self.warmup * per_epoch) if math.isfinite(per_epoch) else 0
+        elif self.warmup < 1 and not self._restored:  # a resumed run keeps the warm-up it started with
             total = trainer.estimated_stepping_batches
             self.warmup_steps = round(self.warmup * total) if math.isfinite(total) else 0
         self.global_step = trainer.global_step
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self.global_step = trainer.global_step
+        self.global_step, self.epoch_batch = trainer.global_step, batch_idx
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
