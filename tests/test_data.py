@@ -181,3 +181,62 @@ def test_invalid_datamodule_arguments_name_the_field():
         SFTDataModule(val_fraction=1.5)
     with pytest.raises(ValueError, match="SFTDataModule.truncation"):
         SFTDataModule(truncation="cut")
+
+
+# -- bad files: one error naming the file, the line (or record) and the field --------------------------------
+def test_non_utf8_bytes_name_the_file_line_and_column(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((json.dumps(ROWS[0]) + "\n").encode() + '{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        read_file(path)
+    whole = tmp_path / "latin1.json"
+    whole.write_bytes(b'[\n{"prompt": "a", "completion": "b"},\n{"prompt": "caf\xe9", "completion": "x"}\n]')
+    with pytest.raises(DataError, match=r"latin1\.json:3: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        read_file(whole)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, suffix):
+    path = tmp_path / f"bom{suffix}"
+    text = "".join(json.dumps(r) + "\n" for r in ROWS) if suffix == ".jsonl" else json.dumps(ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [r.fields for r in read_file(path)] == ROWS
+
+
+@pytest.mark.parametrize("role", ["wizard", 7])
+def test_an_unknown_chat_role_is_named(tmp_path, role):
+    messages = [{"role": "user", "content": "hi"}, {"role": role, "content": "x"}, {"role": "assistant", "content": "y"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    with pytest.raises(DataError, match=rf"chat\.jsonl:1: messages\[1\]\.role is {role!r}; use one of system, user"):
+        read_file(path)
+
+
+def test_a_directory_as_train_file_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"a directory, not a records file"):
+        read_file(tmp_path)
+
+
+@pytest.mark.parametrize("policy", ["truncate", "drop"])
+def test_an_over_long_record_is_cut_before_tokenizing_with_the_same_result(tmp_path, tokenizer, policy, monkeypatch):
+    long_completion = "<think>\n" + "12+34=46\n" * 200_000 + "</think>\nThe answer is 46."  # 1.8 MB
+    rows = [ROWS[0], {"prompt": "Compute 12 + 34.", "completion": long_completion}, ROWS[1]]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    seen = []
+    original = type(tokenizer).__call__
+
+    def counting(self, text, *args, **kwargs):
+        seen.append(len(text))
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    data = SFTDataModule(train_file=str(path), max_length=64, truncation=policy, val_fraction=0.0)
+    data.tokenizer = tokenizer
+    data.setup()
+    assert max(seen) <= (64 + 8) * max(len(t) for t in tokenizer.get_vocab())  # never the whole 1.8 MB
+    report = data.reports["train"]
+    assert (report.truncated, report.dropped) == ((1, 0) if policy == "truncate" else (0, 1))
+    if policy == "truncate":
+        monkeypatch.setattr(type(tokenizer), "__call__", original)
+        full = encode_record(tokenizer, Record(rows[1], "full"))
+        kept = [s for s in data.train_dataset.samples if len(s.input_ids) == 64]
+        assert len(kept) == 1 and kept[0].input_ids == full.input_ids[:64] and kept[0].labels == full.labels[:64]

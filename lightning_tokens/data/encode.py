@@ -91,9 +91,30 @@ def _messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple
     return input_ids, labels
 
 
-def encode_record(tokenizer: PreTrainedTokenizerBase, record: Record) -> Encoded:
-    """Ids and completion-only labels of one record."""
+def character_limit(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
+    """Characters past which a text surely holds more than ``max_length`` tokens (plus a margin of 8).
+
+    No token covers more characters than the longest string in the vocabulary, so a text of
+    ``(max_length + 8) * longest`` characters has over ``max_length + 8`` tokens whatever it says (for
+    tokenizers whose normalizer does not delete text). Cutting a text there before tokenizing leaves its
+    first ``max_length`` tokens as they were, and keeps a 10 MB record from being tokenized whole.
+    """
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return (max_length + 8) * max(1, longest)
+
+
+def encode_record(tokenizer: PreTrainedTokenizerBase, record: Record, max_chars: Optional[int] = None) -> Encoded:
+    """Ids and completion-only labels of one record.
+
+    Args:
+        tokenizer: The tokenizer.
+        record: The record.
+        max_chars: Cut every text field to this many characters before tokenizing (see
+            :func:`character_limit`). Default ``None``: no cut.
+    """
     fields = record.fields
+    if max_chars is not None:
+        fields = _cut_texts(fields, max_chars)
     if "messages" in fields:
         input_ids, labels = _messages(tokenizer, fields["messages"])
     else:
@@ -104,6 +125,13 @@ def encode_record(tokenizer: PreTrainedTokenizerBase, record: Record) -> Encoded
         raise DataError(f"{record.origin}: the response tokenizes to no tokens")
     prompt_length = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     return Encoded(input_ids, labels, prompt_length, record.origin)
+
+
+def _cut_texts(fields: dict[str, Any], max_chars: int) -> dict[str, Any]:
+    if "messages" in fields:
+        messages = [{**m, "content": m["content"][:max_chars]} for m in fields["messages"]]
+        return {**fields, "messages": messages}
+    return {**fields, "prompt": fields["prompt"][:max_chars], "completion": fields["completion"][:max_chars]}
 
 
 @dataclass

@@ -11,7 +11,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from transformers import PreTrainedTokenizerBase
 
-from lightning_tokens.data.encode import Encoded, SFTCollator, Truncation, TruncationReport, apply_truncation, encode_record
+from lightning_tokens.data.encode import (
+    Encoded,
+    SFTCollator,
+    Truncation,
+    TruncationReport,
+    apply_truncation,
+    character_limit,
+    encode_record,
+)
 from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.data.records import DataError, Record, from_dicts, read_file, read_hub_dataset
 
@@ -211,7 +219,8 @@ class SFTDataModule(LightningDataModule):
         return load_task_tokenizer()
 
     def _encode(self, records: list[Record], split: str) -> EncodedDataset:
-        samples = [encode_record(self.tokenizer, record) for record in records]
+        max_chars = character_limit(self.tokenizer, self.max_length)
+        samples = [encode_record(self.tokenizer, record, max_chars) for record in records]
         answers = [self._answer(record) for record in records]
         by_origin = dict(zip((s.origin for s in samples), answers))
         kept, report = apply_truncation(samples, self.max_length, self.truncation)

@@ -25,9 +25,25 @@ class Record:
     origin: str
 
 
+#: Chat roles a record may use (what Hugging Face chat templates render).
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _decode(raw: bytes, path: Path, line_number: int) -> str:
+    """UTF-8 text of ``raw`` (a leading byte-order mark dropped), or an error naming the line and column."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = line_number + raw.count(b"\n", 0, error.start)
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {column}); "
+                        "save the file as UTF-8") from None
+
+
 def _jsonl(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = _decode(raw, path, line_number)
             if not line.strip():
                 continue
             try:
@@ -39,7 +55,7 @@ def _jsonl(path: Path) -> Iterator[Record]:
 
 def _json(path: Path) -> Iterator[Record]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(_decode(path.read_bytes(), path, 1))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
@@ -72,6 +88,8 @@ def read_file(path: str | Path, check: Optional[Callable[[Record], Record]] = No
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a records file (a 🤗 dataset directory goes in 'dataset')")
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unknown extension {path.suffix!r} (use {', '.join(READERS)})")
@@ -125,6 +143,8 @@ def _check_messages(messages: Any, origin: str) -> None:
             raise DataError(f"{origin}: messages[{index}] needs 'role' and 'content' fields")
         if not isinstance(message["content"], str):
             raise DataError(f"{origin}: messages[{index}].content must be a string")
+        if message["role"] not in ROLES:
+            raise DataError(f"{origin}: messages[{index}].role is {message['role']!r}; use one of {', '.join(ROLES)}")
     replies = [m for m in messages if m["role"] == "assistant"]
     if not replies:
         raise DataError(f"{origin}: field 'messages' has no 'assistant' message to train on")
