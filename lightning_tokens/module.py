@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
-from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, check_answer, thinking_length
+from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, extract_answer, is_correct, thinking_length
 from lightning_tokens.modeling import ModelSpec, base_reference, is_quantized, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups, remember_total_steps, total_training_steps
 from lightning_tokens.quantization import restore_4bit_quant_states
@@ -80,41 +80,67 @@ class CausalLMModule(LightningModule):
         tokens = batch["attention_mask"].sum().item()
         self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True)
 
-    # -- validation ------------------------------------------------------------------------------------
+    # -- validation, test and predict -----------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test")
+
+    def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
+        """Loss, perplexity and (with reference answers) generation metrics, logged as ``<stage>/...``.
+
+        Validation and test never run at once, so they share the metric objects.
+        """
         outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         targets = (batch["labels"][:, 1:] != -100).sum()
         self.val_loss.update(outputs.loss, weight=targets)
         self.val_nll.update(outputs.loss, weight=targets)
-        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log(f"{stage}/loss", self.val_loss, prog_bar=True)
         wanted = self.generation_batches is None or batch_idx < self.generation_batches
         if "answers" in batch and wanted and self.max_new_tokens > 0:
-            self._score_generations(batch)
+            self._score_generations(batch, stage)
 
-    def on_validation_epoch_end(self) -> None:
+    def _log_perplexity(self, stage: str) -> None:
         if self.val_nll.update_count:
-            self.log("val/ppl", torch.exp(self.val_nll.compute()))
+            self.log(f"{stage}/ppl", torch.exp(self.val_nll.compute()))
             self.val_nll.reset()
 
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def _score_generations(self, batch: dict) -> None:
+    def _score_generations(self, batch: dict, stage: str) -> None:
         completions = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
         start, end = self.tokenizer.convert_tokens_to_ids([THINK_START, THINK_END])
         for ids, answer in zip(completions, batch["answers"]):
             if answer is None:
                 continue
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            self.val_exact_match.update(float(check_answer(text, answer)))
+            self.val_exact_match.update(float(is_correct(text, answer)))
             if start is not None and start != self.tokenizer.unk_token_id and start in ids:
                 self.val_thinking_length.update(thinking_length(ids, start, end))
-        self.log("val/exact_match", self.val_exact_match, prog_bar=True)
+        self.log(f"{stage}/exact_match", self.val_exact_match, prog_bar=True)
         if self.val_thinking_length.update_count:
-            self.log("val/thinking_length", self.val_thinking_length)
+            self.log(f"{stage}/thinking_length", self.val_thinking_length)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
+        """Greedy completions of a batch's prompts (``SFTDataModule.predict_dataloader``), one dict per row:
+        ``prompt``, ``completion`` (the generated text), ``answer`` (the final answer extracted from it, or
+        ``None``) and, where the record has a reference answer, ``reference`` and ``correct``."""
+        completions = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+        rows = []
+        for prompt, mask, ids, reference in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                                completions, batch["answers"]):
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            row: dict[str, Any] = {"prompt": self.tokenizer.decode(prompt[mask.bool()], skip_special_tokens=True),
+                                   "completion": text, "answer": extract_answer(text)}
+            if reference is not None:
+                row.update(reference=reference, correct=is_correct(text, reference))
+            rows.append(row)
+        return rows
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> list[list[int]]:

@@ -127,6 +127,12 @@ def encode_record(tokenizer: PreTrainedTokenizerBase, record: Record, max_chars:
     return Encoded(input_ids, labels, prompt_length, record.origin)
 
 
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, record: Record) -> Encoded:
+    """A prompt alone (``bos + prompt``, no targets), for generation."""
+    ids = prompt_ids(tokenizer, record.fields["prompt"])
+    return Encoded(ids, [IGNORE_INDEX] * len(ids), len(ids), record.origin)
+
+
 def _cut_texts(fields: dict[str, Any], max_chars: int) -> dict[str, Any]:
     if "messages" in fields:
         messages = [{**m, "content": m["content"][:max_chars]} for m in fields["messages"]]

@@ -18,10 +18,11 @@ from lightning_tokens.data.encode import (
     TruncationReport,
     apply_truncation,
     character_limit,
+    encode_prompt,
     encode_record,
 )
 from lightning_tokens.data.reasoning_task import ReasoningTask
-from lightning_tokens.data.records import DataError, Record, from_dicts, read_file, read_hub_dataset
+from lightning_tokens.data.records import DataError, Record, check_prompt_record, from_dicts, read_file, read_hub_dataset
 
 
 # Checkpoints keep the task in the data module's hyperparameters; allow torch.load(weights_only=True) to read it.
@@ -138,6 +139,9 @@ class SFTDataModule(LightningDataModule):
         answer_field: Record field holding the reference final answer for generation-based validation.
             Default ``"answer"``; for the task, the answer of each problem. Records without it are
             scored on loss only.
+        predict_file: Prompts for ``predict`` (``lightning-tokens predict``): records with a ``"prompt"``
+            (a completion is not needed) and optionally the ``answer_field``. Default ``None``: the
+            validation split's prompts.
     """
 
     def __init__(
@@ -159,6 +163,7 @@ class SFTDataModule(LightningDataModule):
         num_workers: int = 0,
         pad_to_multiple_of: int = 1,
         answer_field: str = "answer",
+        predict_file: Optional[str] = None,
     ) -> None:
         super().__init__()
         if truncation not in ("truncate", "drop"):
@@ -174,7 +179,8 @@ class SFTDataModule(LightningDataModule):
         self.val_fraction, self.seed = val_fraction, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pad_to_multiple_of = num_workers, pad_to_multiple_of
-        self.answer_field = answer_field
+        self.answer_field, self.predict_file = answer_field, predict_file
+        self.predict_dataset: Optional[EncodedDataset] = None
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.train_dataset: Optional[EncodedDataset] = None
         self.val_dataset: Optional[EncodedDataset] = None
@@ -237,11 +243,18 @@ class SFTDataModule(LightningDataModule):
 
     # -- Lightning hooks -------------------------------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self._resolve_tokenizer()
+            if self.tokenizer.pad_token_id is None:
+                raise ValueError("SFTDataModule: the tokenizer has no pad token; set tokenizer.pad_token")
+        if stage == "predict" and self.predict_file is not None:
+            if self.predict_dataset is None:
+                records = read_file(self.predict_file, check=check_prompt_record)
+                samples = [encode_prompt(self.tokenizer, record) for record in records]
+                self.predict_dataset = EncodedDataset(samples, [self._answer(record) for record in records])
+            return
         if self.train_dataset is not None:
             return
-        self.tokenizer = self._resolve_tokenizer()
-        if self.tokenizer.pad_token_id is None:
-            raise ValueError("SFTDataModule: the tokenizer has no pad token; set tokenizer.pad_token")
         train, val = self._records()
         self.train_dataset = self._encode(train, "train")
         self.val_dataset = self._encode(val, "val") if val else None
@@ -266,6 +279,15 @@ class SFTDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """Left-padded prompts (and reference answers) of ``predict_file``, or of the validation split."""
+        dataset = self.predict_dataset if self.predict_file is not None else self.val_dataset
+        if dataset is None:
+            raise DataError("SFTDataModule: nothing to predict; set predict_file, or keep a validation split "
+                            "(val_file, val_split or val_fraction > 0)")
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=self._collator(True), num_workers=self.num_workers)
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed}

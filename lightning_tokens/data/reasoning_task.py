@@ -343,6 +343,16 @@ def check_answer(text: str, answer: int | str) -> bool:
     return predicted is not None and int(predicted) == int(answer)
 
 
+def is_correct(text: str, reference: str) -> bool:
+    """Whether a response answers ``reference``: :func:`check_answer` for an integer reference (the
+    embedded task's), else the response after its last ``</think>`` equal to ``reference`` (both stripped)."""
+    try:
+        int(reference)
+    except ValueError:
+        return text.rpartition(THINK_END)[2].strip() == str(reference).strip()
+    return check_answer(text, reference)
+
+
 def thinking_length(token_ids: Sequence[int], think_start_id: int, think_end_id: int) -> int:
     """Number of tokens strictly between the first ``<think>`` and the next ``</think>``.
 

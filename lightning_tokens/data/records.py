@@ -135,6 +135,17 @@ def check_record(record: Record) -> Record:
     return record
 
 
+def check_prompt_record(record: Record) -> Record:
+    """``record`` if it has a string ``"prompt"`` (what ``predict`` needs; a completion is optional)."""
+    fields = record.fields
+    if not isinstance(fields, dict):
+        raise DataError(f"{record.origin}: a record must be a JSON object, got {type(fields).__name__}")
+    if not isinstance(fields.get("prompt"), str):
+        problem = "missing field 'prompt'" if "prompt" not in fields else "field 'prompt' must be a string"
+        raise DataError(f"{record.origin}: {problem} (prompts to predict are {{\"prompt\": ...}} records)")
+    return record
+
+
 def _check_messages(messages: Any, origin: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{origin}: field 'messages' must be a non-empty list of {{role, content}} objects")

@@ -11,6 +11,7 @@ from tokenizers import AddedToken
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from lightning_tokens.checkpoints import check_checkpoint_file
 from lightning_tokens.data.reasoning_task import check_answer
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
@@ -260,8 +261,7 @@ def _add_thought_tokens(lm, tokenizer, start: str, end: str, initial: Tensor) ->
 
 def _load_module_checkpoint(model, path: str) -> None:
     """Load the ``model.*`` weights of a Lightning checkpoint of a :class:`CausalLMModule` into ``model``."""
-    if not Path(path).exists():
-        raise ValueError(f"QuietSTaRModule.init_checkpoint: {path}: no such file")
+    check_checkpoint_file(path, "QuietSTaRModule.init_checkpoint")
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     weights = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
     restore_4bit_quant_states(model, weights)
