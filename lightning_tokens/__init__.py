@@ -23,6 +23,7 @@ from lightning_tokens.data.tokenizer import load_task_tokenizer
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
 from lightning_tokens.module import CausalLMModule
 from lightning_tokens.optim import OptimizerConfig
+from lightning_tokens.predict import PredictionWriter
 from lightning_tokens.quantization import keep_4bit_weights_unpacked
 from lightning_tokens.selection import TokenSelection
 from lightning_tokens.thoughts import QuietSTaRModule, thoughtful_generate
@@ -43,6 +44,7 @@ __all__ = [
     "MultiTokenHeadsModule",
     "OptimizerConfig",
     "PlainTextDataModule",
+    "PredictionWriter",
     "PredictorConfig",
     "QuietSTaRModule",
     "ReasoningTask",

@@ -34,7 +34,8 @@ class Encoded:
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[int]:
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
+    # verbose=False: no warning for texts past the tokenizer's model_max_length; the truncation policy decides.
+    return tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
