@@ -27,6 +27,16 @@ def tiny_config(model_type: str = "llama", **overrides) -> dict:
     return {"model_type": model_type, **TINY_SIZES[model_type], **overrides}
 
 
+def padded_rows(rows: list[list[int]], width: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)``: token rows padded with 0 to ``width`` on ``side`` (``"left"`` or ``"right"``)."""
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        place = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[i, place], mask[i, place] = torch.tensor(row), 1
+    return ids, mask
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():
     # Lightning may change the thread count of the process it runs in; every test starts from one.

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import padded_rows, tiny_config
 from lightning_tokens.heads import MultiTokenHeads, capture_trunk, generate_with_heads, head_losses, schedule_value
 from lightning_tokens.heads.loss import weighted_sum
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
@@ -99,12 +99,8 @@ def naive_head_losses(heads, model, trunk, labels, mask):
 
 
 def pad_rows(rows, width, side):
-    """Rows of token ids padded with 0 to ``width`` on ``side``; the mask and the positions skip the padding."""
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        place = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
-        ids[i, place], mask[i, place] = torch.tensor(row), 1
+    """Padded ids, their mask, and positions that skip the padding."""
+    ids, mask = padded_rows(rows, width, side)
     return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
 
 

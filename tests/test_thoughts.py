@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import padded_rows, tiny_config
 from lightning_tokens.modeling import ModelSpec
 from lightning_tokens.thoughts import QuietSTaRModule, next_token_targets, parallel_thoughts, quiet_star_loss
 from lightning_tokens.thoughts.parallel import sample_tokens
@@ -215,15 +215,6 @@ def test_targets_and_difficult_tokens():
     assert out.difficult_base_nll >= out.base_nll
 
 
-def padded(rows, width, side):
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        place = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
-        ids[i, place], mask[i, place] = torch.tensor(row), 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_left_and_right_padding_give_the_same_loss_and_gradients(attn):
     # Rows of 3 and 4 tokens are shorter than a thought window (thought_length + 2 = 5) and than the talk steps.
@@ -233,7 +224,7 @@ def test_left_and_right_padding_give_the_same_loss_and_gradients(attn):
     results = {}
     for side in ("right", "left"):
         module.zero_grad()
-        out = module.quiet_star(*padded(rows, 10, side), temperature=0.0)  # greedy thoughts: the same on both
+        out = module.quiet_star(*padded_rows(rows, 10, side), temperature=0.0)  # greedy thoughts: the same on both
         out.loss.backward()
         grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
         results[side] = (out.metrics(), grads)
