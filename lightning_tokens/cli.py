@@ -83,10 +83,10 @@ class TokensCLI(LightningCLI):
 
     def _check_ckpt_path(self) -> None:
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path in CKPT_KEYWORDS:  # "last" is the newest last.ckpt; the others Lightning resolves itself
-            ckpt_path = next((Path(c.dirpath) / "last.ckpt" for c in self.trainer.checkpoint_callbacks
-                              if ckpt_path == "last" and c.dirpath and (Path(c.dirpath) / "last.ckpt").exists()), None)
-        if ckpt_path is not None:
+        if ckpt_path == "last":  # the last.ckpt Lightning will resume from, when there is one
+            found = [Path(c.dirpath) / "last.ckpt" for c in self.trainer.checkpoint_callbacks if c.dirpath]
+            ckpt_path = next((path for path in found if path.exists()), None)
+        if ckpt_path is not None and ckpt_path not in CKPT_KEYWORDS:
             _check_checkpoint(ckpt_path)
 
     def before_fit(self) -> None:
