@@ -107,7 +107,10 @@ def test_empty_corrupt_or_missing_checkpoints_and_unwritable_folders_are_named_b
         (["--ckpt_path", str(corrupt)], "ckpt_path: .*corrupt.ckpt is not a PyTorch checkpoint"),
         (["--ckpt_path", str(tmp_path / "nope.ckpt")], "ckpt_path: .*nope.ckpt: no such file"),
         (["--checkpoint.dirpath", str(tmp_path / "a-file" / "sub")], "checkpoint.dirpath: cannot write to .*a-file/sub"),
+        (["--checkpoint.dirpath", str(tmp_path / "killed"), "--ckpt_path", "last"], "ckpt_path: .*killed/last.ckpt is empty"),
     ]
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "last.ckpt").write_bytes(b"")
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", "--config", SFT, *QUICK, "--trainer.max_steps", "1",
