@@ -117,9 +117,7 @@ def from_dicts(rows: Iterable[dict[str, Any]], source: str) -> list[Record]:
 
 def check_record(record: Record) -> Record:
     """``record`` if it is a well-formed prompt/completion or messages record, else a :class:`DataError`."""
-    fields = record.fields
-    if not isinstance(fields, dict):
-        raise DataError(f"{record.origin}: a record must be a JSON object, got {type(fields).__name__}")
+    fields = _object_fields(record)
     if "messages" in fields:
         _check_messages(fields["messages"], record.origin)
         return record
@@ -135,11 +133,15 @@ def check_record(record: Record) -> Record:
     return record
 
 
+def _object_fields(record: Record) -> dict[str, Any]:
+    if not isinstance(record.fields, dict):
+        raise DataError(f"{record.origin}: a record must be a JSON object, got {type(record.fields).__name__}")
+    return record.fields
+
+
 def check_prompt_record(record: Record) -> Record:
     """``record`` if it has a string ``"prompt"`` (what ``predict`` needs; a completion is optional)."""
-    fields = record.fields
-    if not isinstance(fields, dict):
-        raise DataError(f"{record.origin}: a record must be a JSON object, got {type(fields).__name__}")
+    fields = _object_fields(record)
     if not isinstance(fields.get("prompt"), str):
         problem = "missing field 'prompt'" if "prompt" not in fields else "field 'prompt' must be a string"
         raise DataError(f"{record.origin}: {problem} (prompts to predict are {{\"prompt\": ...}} records)")

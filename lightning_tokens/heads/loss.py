@@ -1,8 +1,9 @@
 """Per-head cross-entropy without ever building ``(K + 1, B, T, V)`` logits.
 
-Head ``k`` at position ``t`` is scored against ``labels[t + 1 + k]``. Only positions that are real tokens and whose
-target is a real token not labelled ``-100`` are projected onto the vocabulary, ``chunk_size`` rows at a time; under autograd each chunk runs
-inside activation checkpointing, so its ``(chunk, V)`` logits are freed at once and recomputed in backward.
+Head ``k`` at position ``t`` is scored against ``labels[t + 1 + k]``. Only positions that are real tokens, with
+a real target not labelled ``-100``, are projected onto the vocabulary, ``chunk_size`` rows at a time; under
+autograd each chunk runs inside activation checkpointing, so its ``(chunk, V)`` logits are freed at once and
+recomputed in backward.
 Peak extra memory is one chunk of logits instead of ``K * B * T * V``.
 """
 
