@@ -28,7 +28,8 @@ from lightning_tokens.quantization import keep_4bit_weights_unpacked
 from lightning_tokens.selection import TokenSelection
 from lightning_tokens.thoughts import QuietSTaRModule, thoughtful_generate
 from lightning_tokens.thoughts.data import PlainTextDataModule
-from lightning_tokens.token_loss import TokenLossCallback, TokenLossContext, TokenLossDispatcher
+from lightning_tokens.token_loss import (LogitsNotKept, PlainLoss, TokenLossCallback, TokenLossContext,
+                                         TokenLossDispatcher)
 
 __version__ = "0.1.0"
 
@@ -39,10 +40,12 @@ __all__ = [
     "BudgetPredictorModule",
     "CausalLMModule",
     "ConceptAwareFineTuning",
+    "LogitsNotKept",
     "ModelSpec",
     "MultiTokenHeads",
     "MultiTokenHeadsModule",
     "OptimizerConfig",
+    "PlainLoss",
     "PlainTextDataModule",
     "PredictionWriter",
     "PredictorConfig",

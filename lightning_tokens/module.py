@@ -15,7 +15,7 @@ from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, extract
 from lightning_tokens.modeling import ModelSpec, base_reference, is_quantized, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups, remember_total_steps, total_training_steps
 from lightning_tokens.quantization import restore_4bit_quant_states
-from lightning_tokens.token_loss import ATTACHED_MODULES_KEY
+from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, PlainLoss, TokenLossDispatcher
 
 
 class CausalLMModule(LightningModule):
@@ -34,6 +34,10 @@ class CausalLMModule(LightningModule):
         max_new_tokens: Generation length for generation-based validation. Default ``256``.
         generation_batches: Validation batches scored by generation per validation run. Default ``None``:
             all of them; ``0`` turns generation off.
+        keep_logits: Build the full ``(B, T, V)`` logits in training forwards (for a subclass whose
+            ``training_step`` reads ``outputs.logits``). Default ``False``: the training loss is computed from
+            the final hidden state in chunks of target positions (:mod:`lightning_tokens.lean_loss`), which at
+            a 150k vocabulary takes a third of the memory; reading ``outputs.logits`` then raises.
     """
 
     def __init__(
@@ -42,12 +46,14 @@ class CausalLMModule(LightningModule):
         optimizer: Optional[OptimizerConfig] = None,
         max_new_tokens: int = 256,
         generation_batches: Optional[int] = None,
+        keep_logits: bool = False,
     ) -> None:
         super().__init__()
         self.spec = model if model is not None else ModelSpec()
         self.optim = optimizer if optimizer is not None else OptimizerConfig()
         self.max_new_tokens = max_new_tokens
         self.generation_batches = generation_batches
+        self.keep_logits = keep_logits
         self.save_hyperparameters()
         self.model, self.tokenizer = load_causal_lm(self.spec)
         self.val_loss = MeanMetric()
@@ -60,6 +66,18 @@ class CausalLMModule(LightningModule):
     # -- training --------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        # Plain SFT goes through the loss dispatcher too (a handler that changes nothing), for the lean loss.
+        if stage == "fit":
+            self._plain_loss = PlainLoss(self.keep_logits)
+            TokenLossDispatcher.for_model(self.model).add(self._plain_loss)
+
+    def teardown(self, stage: str) -> None:
+        plain = getattr(self, "_plain_loss", None)
+        if stage == "fit" and plain is not None:
+            TokenLossDispatcher.for_model(self.model).remove(plain)
+            self._plain_loss = None
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

@@ -4,7 +4,9 @@ No Lightning hook can replace the loss a ``training_step`` returns, yet a token-
 it. So the callbacks act one level lower, on the transformers model itself: a single
 :class:`TokenLossDispatcher` per model sits on its forward as a pair of hooks. When the model is training
 and is called with ``labels``, the pre-hook takes the labels away (the model computes no loss of its
-own) and the forward hook builds a :class:`TokenLossContext` from the logits. Each attached handler, in
+own) and keeps the output head from projecting any position (:mod:`lightning_tokens.lean_loss`); the
+forward hook builds a :class:`TokenLossContext` from the final hidden state, whose per-token cross-entropy
+covers target positions only and never needs the ``(B, T, V)`` logits. Each attached handler, in
 attachment order (the Trainer's callback order), may reweight tokens or add loss terms; the dispatcher
 then writes the resulting loss into the model's output, where the user's ``training_step`` reads
 ``outputs.loss`` as usual.
@@ -18,7 +20,7 @@ validation losses of runs with and without callbacks compare on the same metric.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from collections import OrderedDict
 from typing import Any, Optional
 
 import torch
@@ -28,6 +30,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from lightning_tokens.lean_loss import (DEFAULT_CHUNK, HeadInputCapture, OutputProjection, UnsupportedLogits,
+                                        chunked_cross_entropy, is_checked, shifted_targets, token_cross_entropy)
 from lightning_tokens.modeling import causal_lm_of
 from lightning_tokens.quantization import keep_4bit_weights_unpacked
 
@@ -37,40 +41,102 @@ IGNORE_INDEX = -100
 ATTACHED_MODULES_KEY = "lightning_tokens_attached_modules"
 
 
-@dataclass
+class LogitsNotKept(RuntimeError):
+    """Full logits were read from a training forward whose loss was computed without them."""
+
+
+def logits_not_kept_message(what: str) -> str:
+    return (f"{what} is not computed in training forwards whose loss lightning-tokens computes: the loss comes from "
+            "the final hidden state, a chunk of target positions at a time, and the (batch, length, vocabulary) "
+            "logits are never built. Pass keep_logits=True (to CausalLMModule, to the callback, e.g. "
+            "TokenSelection(keep_logits=True), or to a handler added to TokenLossDispatcher) to have them; a handler "
+            "gets the logits of the positions it needs from ctx.logits_at(mask)")
+
+
 class TokenLossContext:
-    """Everything a handler sees of one training forward. Shapes: B batch, T length, V vocabulary.
+    """Everything a handler sees of one training forward. Shapes: B batch, T length, D hidden, V vocabulary.
 
     Position ``t`` of the per-token tensors (length ``T - 1``) is the prediction made at input position
     ``t`` of the token at input position ``t + 1``.
+
+    The full ``(B, T, V)`` logits are not built (see :mod:`lightning_tokens.lean_loss`): ``token_loss`` is
+    computed from ``hidden`` for the target positions only, when a handler first reads it, and
+    :meth:`logits_at` gives the logits of the positions a handler asks for. Reading :attr:`logits` raises
+    :class:`LogitsNotKept` unless a handler (or ``CausalLMModule``) asked for ``keep_logits=True``.
 
     Attributes:
         model: The transformers causal LM that ran.
         input_ids: ``(B, T)`` input ids, or ``None`` when the model was called with embeddings.
         attention_mask: ``(B, T)`` 1 on real tokens, 0 on padding.
         labels: ``(B, T)`` labels as given to the model (unshifted, ``-100`` where not a target).
-        logits: ``(B, T, V)`` output logits, part of the autograd graph.
+        hidden: ``(B, T, D)`` final hidden state (the output head's input), part of the autograd graph; ``None``
+            when the full logits are kept.
         target_mask: ``(B, T - 1)`` whether position ``t`` predicts a target token.
-        token_loss: ``(B, T - 1)`` float32 cross-entropy of each prediction, 0 where not a target.
         weights: ``(B, T - 1)`` float32 weight of each prediction in the loss; starts as ``target_mask``.
             Handlers change it in place or replace it.
         extra_losses: Named scalar terms added to the loss (auxiliary heads, ...).
         captured: Inputs of submodules captured during this forward, by the key given to
             :meth:`TokenLossDispatcher.capture_inputs`: ``(args, kwargs)`` of the call.
         call_kwargs: The keyword arguments the model was called with (labels removed).
+        chunk_size: Target rows projected onto the vocabulary at once.
+        keep_logits: Whether the full logits were kept (so extra forwards may build theirs too).
     """
 
-    model: nn.Module
-    input_ids: Optional[Tensor]
-    attention_mask: Tensor
-    labels: Tensor
-    logits: Tensor
-    target_mask: Tensor
-    token_loss: Tensor
-    weights: Tensor
-    extra_losses: dict[str, Tensor] = field(default_factory=dict)
-    captured: dict[str, tuple[tuple, dict]] = field(default_factory=dict)
-    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, model: nn.Module, input_ids: Optional[Tensor], attention_mask: Tensor, labels: Tensor,
+                 hidden: Optional[Tensor] = None, logits: Optional[Tensor] = None,
+                 projection: Optional[OutputProjection] = None, captured: Optional[dict] = None,
+                 call_kwargs: Optional[dict[str, Any]] = None, chunk_size: int = DEFAULT_CHUNK) -> None:
+        if (hidden is None) == (logits is None):
+            raise ValueError("TokenLossContext needs exactly one of hidden and logits")
+        self.model, self.input_ids, self.attention_mask, self.labels = model, input_ids, attention_mask, labels
+        self.hidden, self._logits = hidden, logits
+        self.projection = projection if projection is not None or logits is not None else OutputProjection(model)
+        self.target_mask = shifted_targets(labels)[1]
+        self.weights = self.target_mask.float()
+        self.extra_losses: dict[str, Tensor] = {}
+        self.captured = captured if captured is not None else {}
+        self.call_kwargs = call_kwargs if call_kwargs is not None else {}
+        self.chunk_size = chunk_size
+        self._token_loss: Optional[Tensor] = None
+
+    @property
+    def keep_logits(self) -> bool:
+        return self._logits is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    @property
+    def logits(self) -> Tensor:
+        """``(B, T, V)`` output logits, only with ``keep_logits=True``; otherwise raises :class:`LogitsNotKept`."""
+        if self._logits is None:
+            raise LogitsNotKept(logits_not_kept_message("ctx.logits"))
+        return self._logits
+
+    def logits_at(self, positions: Tensor) -> Tensor:
+        """Float32 logits ``(N, V)`` of the ``N`` positions where the ``(B, T)`` bool ``positions`` is true, in the
+        graph; row order is that of ``hidden[positions]``. Ask for few: each row is ``V`` floats."""
+        if self._logits is not None:
+            return self._logits[positions].float()
+        return self.projection(self.hidden[positions])
+
+    @property
+    def token_loss(self) -> Tensor:
+        """``(B, T - 1)`` float32 cross-entropy of each prediction, 0 where not a target; in the graph.
+
+        Computed on first read (a chunked projection of the target rows); a handler may replace it.
+        """
+        if self._token_loss is None:
+            if self._logits is not None:
+                self._token_loss = per_token_loss(self._logits, self.labels)[0]
+            else:
+                self._token_loss = token_cross_entropy(self.projection, self.hidden, self.labels, self.chunk_size)[0]
+        return self._token_loss
+
+    @token_loss.setter
+    def token_loss(self, value: Tensor) -> None:
+        self._token_loss = value
 
     @property
     def context_mask(self) -> Tensor:
@@ -78,8 +144,20 @@ class TokenLossContext:
         return self.attention_mask.bool() & (self.labels == IGNORE_INDEX)
 
     def loss(self) -> Tensor:
-        """The training loss: weighted mean token loss plus every extra term."""
-        total = (self.token_loss * self.weights).sum() / self.weights.sum().clamp_min(1e-12)
+        """The training loss: weighted mean token loss plus every extra term.
+
+        When no handler read ``token_loss`` and the weights are constants, the weighted mean is computed in
+        one fused pass over the rows of non-zero weight, every gradient finished in forward.
+        """
+        denominator = self.weights.sum().clamp_min(1e-12)
+        if self._token_loss is None and self._logits is None and not self.weights.requires_grad:
+            targets, _ = shifted_targets(self.labels)
+            rows = self.target_mask & (self.weights != 0)
+            scale = self.weights[rows] / denominator
+            total, _ = chunked_cross_entropy(self.projection, self.hidden[:, :-1][rows], targets[rows],
+                                             self.chunk_size, scale=scale)
+        else:
+            total = (self.token_loss * self.weights).sum() / denominator
         for term in self.extra_losses.values():
             total = total + term
         return total
@@ -121,6 +199,15 @@ class TokenLossDispatcher:
         #: Forwards of the model so far: ``dispatched`` (training mode, with labels: handlers ran), and those
         #: passed through untouched for being in ``eval_mode`` or having ``no_labels``.
         self.counts = {"dispatched": 0, "eval_mode": 0, "no_labels": 0}
+        #: Target rows projected onto the vocabulary at once.
+        self.chunk_size = DEFAULT_CHUNK
+        self._capture: Optional[HeadInputCapture] = None
+        self._checking = False
+
+    @property
+    def keep_logits(self) -> bool:
+        """Whether training forwards build their full logits: when any handler has ``keep_logits = True``."""
+        return any(getattr(handler, "keep_logits", False) for handler in self.handlers)
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "TokenLossDispatcher":
@@ -149,7 +236,11 @@ class TokenLossDispatcher:
         return self._busy
 
     def add(self, handler: Any) -> None:
-        """Attach ``handler``; handlers run in the order they were added."""
+        """Attach ``handler``; handlers run in the order they were added.
+
+        A handler with a true ``keep_logits`` attribute makes training forwards build their full logits again
+        (``outputs.logits``, ``ctx.logits``), at the memory cost of plain transformers.
+        """
         if handler in self.handlers:
             return
         if not self._hooks:
@@ -211,6 +302,12 @@ class TokenLossDispatcher:
         self._labels = kwargs.pop("labels")
         self._captured = {}
         self._active = True
+        if not self.keep_logits:
+            if self._capture is None:
+                self._capture = HeadInputCapture(module)
+            # The first lean forward of a model also projects its last position, to check the reproduction.
+            self._checking = not is_checked(module)
+            self._capture.start(keep_last=self._checking)
         return args, kwargs
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
@@ -222,12 +319,20 @@ class TokenLossDispatcher:
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(labels)
-        token_loss, target_mask = per_token_loss(output.logits, labels)
-        ctx = TokenLossContext(
-            model=module, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-            logits=output.logits, target_mask=target_mask, token_loss=token_loss,
-            weights=target_mask.float(), captured=self._captured, call_kwargs=kwargs,
-        )
+        common = dict(model=module, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                      captured=self._captured, call_kwargs=kwargs, chunk_size=self.chunk_size)
+        if self._capture is not None and self._capture.active:
+            hidden = self._capture.stop()
+            if hidden is None or hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
+                raise UnsupportedLogits(
+                    f"{type(module).__name__}'s output head did not receive the (batch, length, hidden) final hidden "
+                    "state the lean loss reads; pass keep_logits=True to compute the loss from the full logits")
+            projection = OutputProjection(module)
+            if self._checking:
+                projection.check(hidden[:, -1:], output.logits)
+            ctx = TokenLossContext(hidden=hidden, projection=projection, **common)
+        else:
+            ctx = TokenLossContext(logits=output.logits, **common)
         self._captured = {}
         self._busy = True
         try:
@@ -236,7 +341,53 @@ class TokenLossDispatcher:
         finally:
             self._busy = False
         output.loss = ctx.loss()
-        return output
+        output.move_to_end("loss", last=False)  # outputs[0] is the loss, as when transformers computes it
+        return output if ctx.keep_logits else without_logits(output)
+
+
+#: Subclasses of transformers output classes whose ``logits`` attribute raises :class:`LogitsNotKept`.
+_LEAN_OUTPUTS: dict[type, type] = {}
+
+
+def _no_logits(self: Any) -> Tensor:
+    raise LogitsNotKept(logits_not_kept_message("outputs.logits"))
+
+
+def _set_logits(self: Any, value: Any) -> None:
+    if value is not None:
+        raise LogitsNotKept(logits_not_kept_message("outputs.logits"))
+
+
+def without_logits(output: Any) -> Any:
+    """``output`` (a transformers ``ModelOutput``) made to raise :class:`LogitsNotKept` when its logits are read."""
+    cls = type(output)
+    lean = _LEAN_OUTPUTS.get(cls)
+    if lean is None:
+        lean = type(cls.__name__, (cls,), {"logits": property(_no_logits, _set_logits), "__module__": cls.__module__,
+                                            "__doc__": cls.__doc__})
+        _LEAN_OUTPUTS[cls] = lean
+    if "logits" in output.keys():
+        OrderedDict.__delitem__(output, "logits")  # ModelOutput forbids __delitem__; the key must not linger in to_tuple()
+    output.__dict__.pop("logits", None)
+    output.__class__ = lean
+    return output
+
+
+class PlainLoss:
+    """A handler that changes nothing: attached, it gives a model's training forwards the lean loss alone.
+
+    ``CausalLMModule`` attaches one for plain SFT; a loop of your own does the same with
+    ``TokenLossDispatcher.for_model(model).add(PlainLoss())``.
+
+    Args:
+        keep_logits: Build the full logits too (``outputs.logits``). Default ``False``.
+    """
+
+    def __init__(self, keep_logits: bool = False) -> None:
+        self.keep_logits = keep_logits
+
+    def reshape_token_loss(self, ctx: TokenLossContext) -> None:
+        pass
 
 
 def find_causal_lm(pl_module: LightningModule, attribute: Optional[str] = None) -> nn.Module:
@@ -303,10 +454,14 @@ class TokenLossCallback(Callback):
         model_attribute: Dotted attribute path of the causal LM inside the LightningModule. Default
             ``None``: found automatically (see :func:`find_causal_lm`: the only causal LM, or the only
             trainable one among several).
+        keep_logits: Build the full ``(B, T, V)`` logits in training forwards, for a ``training_step`` that
+            reads ``outputs.logits``. Default ``False``: the loss is computed from the final hidden state in
+            chunks of target positions, and reading ``outputs.logits`` raises :class:`LogitsNotKept`.
     """
 
-    def __init__(self, model_attribute: Optional[str] = None) -> None:
+    def __init__(self, model_attribute: Optional[str] = None, keep_logits: bool = False) -> None:
         self.model_attribute = model_attribute
+        self.keep_logits = bool(keep_logits)
         self.dispatcher: Optional[TokenLossDispatcher] = None
         self._first_batch_counts: Optional[dict[str, int]] = None
         self._checked_first_batch = False

@@ -59,6 +59,8 @@ class ConceptAwareFineTuning(TokenLossCallback):
         require_heads: Fail when ``heads_path`` holds no heads. Default ``True``; ``False`` falls back to fresh
             heads with a warning (lets a stage-2 config run before stage 1 has been run).
         model_attribute: Dotted path of the causal LM in the LightningModule. Default ``None``: found.
+        keep_logits: Build the full logits in training forwards again, for a ``training_step`` that reads
+            ``outputs.logits``. Default ``False`` (they are never built; reading them raises).
     """
 
     def __init__(
@@ -75,8 +77,9 @@ class ConceptAwareFineTuning(TokenLossCallback):
         chunk_size: int = 1024,
         require_heads: bool = True,
         model_attribute: Optional[str] = None,
+        keep_logits: bool = False,
     ) -> None:
-        super().__init__(model_attribute)
+        super().__init__(model_attribute, keep_logits)
         if beta < 0:
             raise ValueError(f"ConceptAwareFineTuning.beta must be >= 0, got {beta}")
         if not 0 < gamma <= 1:

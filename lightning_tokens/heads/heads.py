@@ -23,6 +23,7 @@ from typing import Any, Iterator, Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_tokens.lean_loss import OutputProjection
 from lightning_tokens.modeling import cache_keyword, causal_lm_of, decoder_layers
 
 Architecture = Literal["layer", "resblock"]
@@ -251,13 +252,20 @@ class MultiTokenHeads(nn.Module):
         out = block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def project(self, model: nn.Module, k: int, states: Tensor) -> Tensor:
-        """Logits of head ``k`` from its hidden states (any leading shape): final norm, then unembedding."""
-        base = causal_lm_of(model)
-        norm = final_norm(base)
+    def unembedding(self, model: nn.Module, k: int) -> nn.Module:
+        """The output layer of head ``k``: its own copy, or the model's ``lm_head``."""
+        return self.unembeddings[k - 1] if self.unembeddings is not None else causal_lm_of(model).get_output_embeddings()
+
+    def normed(self, model: nn.Module, k: int, states: Tensor) -> Tensor:
+        """Head ``k``'s hidden states through the model's final norm, in the dtype of its unembedding."""
+        norm = final_norm(causal_lm_of(model))
         normed = norm(states.to(_param_dtype(norm, states.dtype)))
-        unembedding = self.unembeddings[k - 1] if self.unembeddings is not None else base.get_output_embeddings()
-        return unembedding(normed.to(_param_dtype(unembedding, normed.dtype)))
+        return normed.to(_param_dtype(self.unembedding(model, k), normed.dtype))
+
+    def project(self, model: nn.Module, k: int, states: Tensor) -> Tensor:
+        """Logits of head ``k`` from its hidden states (any leading shape): final norm, then unembedding, then the
+        model's own logit post-processing (soft-capping, scaling), as float32."""
+        return OutputProjection(model, self.unembedding(model, k))(self.normed(model, k, states))
 
     def forward(self, model: nn.Module, trunk: Trunk, attention_mask: Optional[Tensor] = None) -> list[Tensor]:
         """Full logits ``(B, T, V)`` of every head, a list of K. For inspection and tests: training should use

@@ -1,23 +1,21 @@
 """Per-head cross-entropy without ever building ``(K + 1, B, T, V)`` logits.
 
 Head ``k`` at position ``t`` is scored against ``labels[t + 1 + k]``. Only positions that are real tokens, with
-a real target not labelled ``-100``, are projected onto the vocabulary, ``chunk_size`` rows at a time; under
-autograd each chunk runs inside activation checkpointing, so its ``(chunk, V)`` logits are freed at once and
-recomputed in backward.
-Peak extra memory is one chunk of logits instead of ``K * B * T * V``.
+a real target not labelled ``-100``, are projected onto the vocabulary, ``chunk_size`` rows at a time, by the
+same helper as the main loss (:func:`lightning_tokens.lean_loss.chunked_cross_entropy`): peak extra memory is
+one chunk of logits instead of ``K * B * T * V``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lightning_tokens.heads.heads import MultiTokenHeads, Trunk
+from lightning_tokens.lean_loss import OutputProjection, chunked_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -39,37 +37,6 @@ class HeadLoss:
     @property
     def accuracy(self) -> Tensor:
         return self.correct.float() / self.count.clamp_min(1).float()
-
-
-def _chunk_ce(project: Callable[[Tensor], Tensor], states: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    logits = project(states).float()
-    loss = F.cross_entropy(logits, targets, reduction="sum")
-    correct = (logits.detach().argmax(-1) == targets).sum()
-    return loss, correct
-
-
-def chunked_cross_entropy(project: Callable[[Tensor], Tensor], states: Tensor, targets: Tensor,
-                          chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy and top-1 hits of ``project(states)`` against ``targets``, ``chunk_size`` rows at a time.
-
-    Args:
-        project: Maps ``(N, D)`` states to ``(N, V)`` logits.
-        states: ``(N, D)`` states at target positions.
-        targets: ``(N,)`` target ids.
-        chunk_size: Rows projected at once. Default ``1024``.
-    """
-    total = states.new_zeros((), dtype=torch.float32)
-    correct = torch.zeros((), dtype=torch.long, device=states.device)
-    use_checkpoint = torch.is_grad_enabled() and states.requires_grad
-    for start in range(0, states.shape[0], chunk_size):
-        piece, goal = states[start:start + chunk_size], targets[start:start + chunk_size]
-        if use_checkpoint:
-            loss, hits = checkpoint(_chunk_ce, project, piece, goal, use_reentrant=False)
-        else:
-            loss, hits = _chunk_ce(project, piece, goal)
-        total = total + loss
-        correct = correct + hits
-    return total, correct
 
 
 def head_losses(heads: MultiTokenHeads, model: nn.Module, trunk: Trunk, labels: Tensor,
@@ -106,9 +73,12 @@ def head_losses(heads: MultiTokenHeads, model: nn.Module, trunk: Trunk, labels: 
             valid = valid & real[:, : length - shift] & real[:, shift:]
         count = valid.sum()
         states = heads.head_states(k, trunk, attention_mask)[:, : length - shift][valid]
-        total, correct = chunked_cross_entropy(lambda x, k=k: heads.project(model, k, x), states, targets[valid],
-                                               chunk_size)
-        results.append(HeadLoss(total / count.clamp_min(1), correct, count))
+        rows = heads.normed(model, k, states)
+        # CE_k is a plain mean, so each row's weight is known now: the fused path finishes its gradients in forward.
+        scale = torch.ones(rows.shape[0], device=rows.device) / count.clamp_min(1)
+        projection = OutputProjection(model, heads.unembedding(model, k))
+        loss, hits = chunked_cross_entropy(projection, rows, targets[valid], chunk_size, scale=scale)
+        results.append(HeadLoss(loss, hits.sum(), count))
     return results
 
 

@@ -76,6 +76,9 @@ class TokenSelection(TokenLossCallback):
         seed: Seed of ``mode="random"``. Default ``0``.
         model_attribute: Dotted attribute path of the causal LM inside the LightningModule. Default ``None``:
             found automatically.
+        keep_logits: Build the full ``(B, T, V)`` logits in training forwards again, for a ``training_step``
+            that reads ``outputs.logits``. Default ``False``: the loss is computed from the final hidden state in
+            chunks of target positions (see :mod:`lightning_tokens.lean_loss`), and reading them raises.
     """
 
     def __init__(
@@ -93,8 +96,9 @@ class TokenSelection(TokenLossCallback):
         reference: Optional[ModelSpec] = None,
         seed: int = 0,
         model_attribute: Optional[str] = None,
+        keep_logits: bool = False,
     ) -> None:
-        super().__init__(model_attribute)
+        super().__init__(model_attribute, keep_logits)
         if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ValueError(f"TokenSelection.ratio must be in (0, 1], got {ratio!r}")
         if not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:

@@ -18,18 +18,16 @@ import tempfile
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_frozen_causal_lm
 from lightning_tokens.quantization import bnb_config, from_pretrained_quantized
-from lightning_tokens.token_loss import IGNORE_INDEX, TokenLossContext, per_token_loss
+from lightning_tokens.lean_loss import DEFAULT_CHUNK, lean_token_loss
+from lightning_tokens.token_loss import TokenLossContext, per_token_loss
 
 #: Keyword arguments of a causal LM call that a history forward passes on (labels never).
 FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
-#: Rows of logits materialised at once when the output head is applied to target positions only.
-HEAD_CHUNK = 1024
 
 
 def forward_kwargs(ctx: TokenLossContext) -> dict[str, Any]:
@@ -54,50 +52,24 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 class TokenNll:
-    """Per-token cross-entropy of a causal LM on a batch, applying the output head to target positions only.
+    """Per-token cross-entropy ``(B, T - 1)`` of a causal LM on a training batch, without gradients.
 
-    The backbone (``model.base_model``) gives hidden states; the output head turns only the target rows into
-    logits, ``HEAD_CHUNK`` rows at a time, so no ``(B, T, V)`` tensor is made. The first call checks this
-    against the model's full forward (models that post-process logits, e.g. soft-capping, differ) and uses the
-    full forward from then on if they disagree.
+    The output head projects target positions only, a chunk at a time (see
+    :func:`~lightning_tokens.lean_loss.lean_token_loss`); when the training forward kept its full logits
+    (``keep_logits=True``), this forward builds them too.
     """
 
-    def __init__(self) -> None:
-        self.chunked: Optional[bool] = None
-
     @torch.no_grad()
-    def __call__(self, model: nn.Module, kwargs: dict[str, Any], labels: Tensor) -> Tensor:
-        model = causal_lm_of(model)
+    def __call__(self, model: nn.Module, kwargs: dict[str, Any], labels: Tensor, chunk_size: int = DEFAULT_CHUNK,
+                 keep_logits: bool = False) -> Tensor:
         kwargs = {**kwargs, "use_cache": False}
-        if self.chunked is None:
-            full = self._full(model, kwargs, labels)
-            try:
-                chunked = self._chunked(model, kwargs, labels)
-                # Same maths up to matmul rounding (bf16: ~1e-2); post-processed logits differ far more.
-                gap = (chunked - full).abs().mean()
-                self.chunked = bool(gap <= 1e-2 * full.abs().mean() + 1e-4)
-            except (TypeError, AttributeError, ValueError):
-                self.chunked = False
-            return full
-        return self._chunked(model, kwargs, labels) if self.chunked else self._full(model, kwargs, labels)
+        if keep_logits:
+            return per_token_loss(model(**kwargs).logits, labels)[0]
+        return lean_token_loss(model, kwargs, labels, chunk_size)
 
-    @staticmethod
-    def _full(model: nn.Module, kwargs: dict[str, Any], labels: Tensor) -> Tensor:
-        return per_token_loss(model(**kwargs).logits, labels)[0]
-
-    @staticmethod
-    def _chunked(model: nn.Module, kwargs: dict[str, Any], labels: Tensor) -> Tensor:
-        hidden = model.base_model(**kwargs)[0]
-        head = model.get_output_embeddings()
-        targets = labels[:, 1:]
-        mask = targets != IGNORE_INDEX
-        rows, wanted = hidden[:, :-1][mask], targets[mask]
-        losses = [F.cross_entropy(head(rows[i:i + HEAD_CHUNK]).float(), wanted[i:i + HEAD_CHUNK], reduction="none")
-                  for i in range(0, rows.shape[0], HEAD_CHUNK)]
-        out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-        if losses:
-            out[mask] = torch.cat(losses)
-        return out
+    def of(self, model: nn.Module, ctx: TokenLossContext) -> Tensor:
+        """The loss of ``model`` on the batch of the training forward ``ctx``."""
+        return self(model, forward_kwargs(ctx), ctx.labels, ctx.chunk_size, ctx.keep_logits)
 
 
 class HistorySource:
@@ -136,7 +108,7 @@ class DisabledAdapters(HistorySource):
 
     def token_loss(self, ctx: TokenLossContext) -> Tensor:
         with self.peft_model.disable_adapter(), eval_mode(ctx.model):
-            return self.nll(ctx.model, forward_kwargs(ctx), ctx.labels)
+            return self.nll.of(ctx.model, ctx)
 
 
 def quantized_copy(model: nn.Module, quantization: str, device: torch.device) -> nn.Module:
@@ -170,9 +142,9 @@ class FrozenCopy(HistorySource):
         self.model.requires_grad_(False).eval()
 
     def token_loss(self, ctx: TokenLossContext) -> Tensor:
-        if self.quantization is None and self.model.device != ctx.logits.device:
-            self.model.to(ctx.logits.device)
-        return self.nll(self.model, forward_kwargs(ctx), ctx.labels)
+        if self.quantization is None and self.model.device != ctx.device:
+            self.model.to(ctx.device)
+        return self.nll.of(self.model, ctx)
 
 
 class EmaWeights(HistorySource):
@@ -219,9 +191,9 @@ class EmaWeights(HistorySource):
                 module._parameters[name] = self.params[i]
 
     def token_loss(self, ctx: TokenLossContext) -> Tensor:
-        self._to(ctx.logits.device)
+        self._to(ctx.device)
         with self.swapped(), eval_mode(ctx.model):
-            return self.nll(ctx.model, forward_kwargs(ctx), ctx.labels)
+            return self.nll.of(ctx.model, ctx)
 
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module) -> None:
@@ -266,7 +238,7 @@ class Precomputed(HistorySource):
         self.table.check(samples)
 
     def token_loss(self, ctx: TokenLossContext) -> Tensor:
-        return self.table.lookup(ctx.input_ids, ctx.attention_mask, ctx.labels).to(ctx.logits.device)
+        return self.table.lookup(ctx.input_ids, ctx.attention_mask, ctx.labels).to(ctx.device)
 
 
 class ReferenceModel(HistorySource):
@@ -290,6 +262,6 @@ class ReferenceModel(HistorySource):
         self.model = reference.requires_grad_(False).eval()
 
     def token_loss(self, ctx: TokenLossContext) -> Tensor:
-        if not getattr(causal_lm_of(self.model), "is_quantized", False) and causal_lm_of(self.model).device != ctx.logits.device:
-            self.model.to(ctx.logits.device)
-        return self.nll(self.model, forward_kwargs(ctx), ctx.labels)
+        if not getattr(causal_lm_of(self.model), "is_quantized", False) and causal_lm_of(self.model).device != ctx.device:
+            self.model.to(ctx.device)
+        return self.nll.of(self.model, ctx)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every GPU figure benchmarks/README.md still lacks, in one command on one GPU, in under 9 minutes.
+#
+#     bash benchmarks/gpu_suite.sh            # from the repository root, with the package installed
+#
+# Each benchmark runs under its own time limit (the sum is 8.5 minutes), builds its models from configs
+# (nothing is downloaded) and prints its own ratios against the plain baseline of the same run. A benchmark
+# that fails or runs out of time is reported and the suite goes on; the exit status is 1 if any did.
+set -u
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+failed=()
+
+run() {  # run SECONDS NAME COMMAND...
+    local limit=$1 name=$2
+    shift 2
+    echo
+    echo "=== $name (limit ${limit}s): $*"
+    local started=$SECONDS
+    timeout --signal=INT "$limit" "$@"
+    local status=$?
+    echo "=== $name: exit $status after $((SECONDS - started))s"
+    [ "$status" -eq 0 ] || failed+=("$name")
+}
+
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), 'torch', torch.__version__)" || exit 1
+
+run 60  "loss memory (lean per-token loss)" "$PYTHON" benchmarks/loss_memory.py --device cuda --dtype bfloat16 --steps 5
+run 150 "QLoRA config memory and tokens/s" "$PYTHON" benchmarks/qlora_gpu.py --steps 15 --warmup 3
+run 120 "ssToken history options (base, precomputed, ...)" "$PYTHON" benchmarks/selection_bench.py --size 1.5b --batch 4 --length 1024 --steps 5
+run 45  "CAFT heads memory" "$PYTHON" benchmarks/heads_memory.py --device cuda --repeats 3
+run 75  "Quiet-STaR step and generation" "$PYTHON" benchmarks/thoughts_speed.py --device cuda --hidden 1024 --layers 8 --batch 8 --length 256 --prompt 64 --new-tokens 32 --repeats 3
+run 60  "budget guidance overhead" "$PYTHON" benchmarks/budget_speed.py --qwen-shaped --new-tokens 128 --repeats 3
+
+echo
+if [ ${#failed[@]} -eq 0 ]; then
+    echo "gpu_suite: every benchmark finished"
+else
+    echo "gpu_suite: failed or timed out: ${failed[*]}"
+    exit 1
+fi

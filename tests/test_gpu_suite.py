@@ -1,0 +1,43 @@
+"""benchmarks/gpu_suite.sh runs where no session can try it (a GPU): its command lines must at least parse."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
+
+# Runs a benchmark script with parse_args stopped right after parsing: the arguments are checked, nothing runs.
+PARSE_ONLY = """
+import argparse, runpy, sys
+def parse_only(self, args=None, namespace=None):
+    parsed = argparse.ArgumentParser.__dict__['_original'](self, args, namespace)
+    print('parsed', sys.argv[0]); sys.exit(0)
+argparse.ArgumentParser._original = argparse.ArgumentParser.parse_args
+argparse.ArgumentParser.parse_args = parse_only
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def suite_commands() -> list[tuple[int, list[str]]]:
+    commands = []
+    for line in SUITE.read_text().splitlines():
+        match = re.match(r'run (\d+)\s+"[^"]+" "\$PYTHON" (.+)$', line)
+        if match:
+            commands.append((int(match.group(1)), match.group(2).split()))
+    return commands
+
+
+def test_every_benchmark_of_the_gpu_suite_accepts_its_arguments_and_the_limits_fit_9_minutes():
+    commands = suite_commands()
+    assert len(commands) == 6
+    assert sum(limit for limit, _ in commands) <= 9 * 60 - 20  # start-up and the CUDA check fit in the rest
+    for _, argv in commands:
+        assert (ROOT / argv[0]).is_file(), argv[0]
+        result = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv], cwd=ROOT, capture_output=True, text=True,
+                                env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0 and f"parsed {argv[0]}" in result.stdout, (argv, result.stderr[-2000:])
