@@ -62,7 +62,6 @@ class Weighted:
 
     def __init__(self, weighted=True, reads=False, keep_logits=False):
         self.weighted, self.reads, self.keep_logits = weighted, reads, keep_logits
-        self.head_rows = []
 
     def reshape_token_loss(self, ctx):
         if self.reads:
@@ -243,9 +242,10 @@ def load(kind):
 
 
 def model_batch(model, side="right"):
+    from lightning_tokens.modeling import causal_lm_of
+
     ids, mask, labels = batch(side)
-    vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else None
-    vocab = vocab or model.base_model.model.get_output_embeddings().weight.shape[0]
+    vocab = causal_lm_of(model).config.vocab_size
     ids, labels = ids % vocab, torch.where(labels == -100, labels, labels % vocab)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
