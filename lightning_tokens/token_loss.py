@@ -30,12 +30,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from lightning_tokens.lean_loss import (DEFAULT_CHUNK, HeadInputCapture, OutputProjection, UnsupportedLogits,
-                                        chunked_cross_entropy, is_checked, shifted_targets, token_cross_entropy)
+from lightning_tokens.lean_loss import (DEFAULT_CHUNK, IGNORE_INDEX, HeadInputCapture, OutputProjection,
+                                        UnsupportedLogits, chunked_cross_entropy, is_checked, shifted_targets,
+                                        token_cross_entropy)
 from lightning_tokens.modeling import causal_lm_of
 from lightning_tokens.quantization import keep_4bit_weights_unpacked
 
-IGNORE_INDEX = -100
 #: Checkpoint entry naming the submodules a callback attached to the LightningModule (CAFT's heads, say).
 #: ``CausalLMModule`` leaves their weights out when it is loaded without that callback.
 ATTACHED_MODULES_KEY = "lightning_tokens_attached_modules"

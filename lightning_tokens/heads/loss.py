@@ -15,9 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tokens.heads.heads import MultiTokenHeads, Trunk
-from lightning_tokens.lean_loss import OutputProjection, chunked_cross_entropy
-
-IGNORE_INDEX = -100
+from lightning_tokens.lean_loss import DEFAULT_CHUNK, IGNORE_INDEX, OutputProjection, chunked_cross_entropy
 
 
 @dataclass
@@ -40,7 +38,7 @@ class HeadLoss:
 
 
 def head_losses(heads: MultiTokenHeads, model: nn.Module, trunk: Trunk, labels: Tensor,
-                attention_mask: Optional[Tensor] = None, chunk_size: int = 1024) -> list[HeadLoss]:
+                attention_mask: Optional[Tensor] = None, chunk_size: int = DEFAULT_CHUNK) -> list[HeadLoss]:
     """``CE_k`` of every head ``k = 1..K`` against ``labels`` shifted by ``1 + k``.
 
     Args:
