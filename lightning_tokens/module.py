@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
+from lightning_tokens.data.packing import batch_is_packed, model_inputs, real_token_count
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, extract_answer, is_correct, thinking_length
 from lightning_tokens.modeling import ModelSpec, base_reference, is_quantized, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups, remember_total_steps, total_training_steps
@@ -81,9 +82,12 @@ class CausalLMModule(LightningModule):
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
+        if getattr(self, "_plain_loss", None) is not None:
+            TokenLossDispatcher.for_model(self.model).expect_packed = batch_is_packed(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        # Padded batches carry an attention mask, packed ones (SFTDataModule(packing=True)) position ids instead.
+        outputs = self.model(**model_inputs(batch))
         loss = outputs.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
@@ -92,10 +96,12 @@ class CausalLMModule(LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        if getattr(self, "_plain_loss", None) is not None:
+            TokenLossDispatcher.for_model(self.model).expect_packed = False
         if self._step_started is None:
             return
         elapsed = time.perf_counter() - self._step_started
-        tokens = batch["attention_mask"].sum().item()
+        tokens = real_token_count(batch).item()
         self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True)
 
     # -- validation, test and predict -----------------------------------------------------------------

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from lightning_tokens.data.packing import PackingError, batch_is_packed, is_packed, real_tokens, segment_ids
 from lightning_tokens.lean_loss import (DEFAULT_CHUNK, IGNORE_INDEX, HeadInputCapture, OutputProjection,
                                         UnsupportedLogits, chunked_cross_entropy, is_checked, shifted_targets,
                                         token_cross_entropy)
@@ -67,7 +68,8 @@ class TokenLossContext:
     Attributes:
         model: The transformers causal LM that ran.
         input_ids: ``(B, T)`` input ids, or ``None`` when the model was called with embeddings.
-        attention_mask: ``(B, T)`` 1 on real tokens, 0 on padding.
+        attention_mask: ``(B, T)`` 1 on real tokens, 0 on padding (for a packed batch, derived from its
+            ``position_ids``: see :func:`~lightning_tokens.data.packing.real_tokens`).
         labels: ``(B, T)`` labels as given to the model (unshifted, ``-100`` where not a target).
         hidden: ``(B, T, D)`` final hidden state (the output head's input), part of the autograd graph; ``None``
             when the full logits are kept.
@@ -80,12 +82,16 @@ class TokenLossContext:
         call_kwargs: The keyword arguments the model was called with (labels removed).
         chunk_size: Target rows projected onto the vocabulary at once.
         keep_logits: Whether the full logits were kept (so extra forwards may build theirs too).
+        segments: ``(B, T)`` sample number of each token within its row when the batch is packed (several
+            samples per row, see :mod:`lightning_tokens.data.packing`), else ``None``. Whatever a handler
+            computes per sample it groups by this, not by row.
     """
 
     def __init__(self, model: nn.Module, input_ids: Optional[Tensor], attention_mask: Tensor, labels: Tensor,
                  hidden: Optional[Tensor] = None, logits: Optional[Tensor] = None,
                  projection: Optional[OutputProjection] = None, captured: Optional[dict] = None,
-                 call_kwargs: Optional[dict[str, Any]] = None, chunk_size: int = DEFAULT_CHUNK) -> None:
+                 call_kwargs: Optional[dict[str, Any]] = None, chunk_size: int = DEFAULT_CHUNK,
+                 segments: Optional[Tensor] = None) -> None:
         if (hidden is None) == (logits is None):
             raise ValueError("TokenLossContext needs exactly one of hidden and logits")
         self.model, self.input_ids, self.attention_mask, self.labels = model, input_ids, attention_mask, labels
@@ -97,7 +103,18 @@ class TokenLossContext:
         self.captured = captured if captured is not None else {}
         self.call_kwargs = call_kwargs if call_kwargs is not None else {}
         self.chunk_size = chunk_size
+        self.segments = segments
         self._token_loss: Optional[Tensor] = None
+
+    @property
+    def packed(self) -> bool:
+        """Whether rows hold several samples (``segments`` is set)."""
+        return self.segments is not None
+
+    @property
+    def target_segments(self) -> Optional[Tensor]:
+        """``(B, T - 1)`` sample number of the token each prediction targets (packed batches), else ``None``."""
+        return None if self.segments is None else self.segments[:, 1:]
 
     @property
     def keep_logits(self) -> bool:
@@ -203,6 +220,9 @@ class TokenLossDispatcher:
         self.chunk_size = DEFAULT_CHUNK
         self._capture: Optional[HeadInputCapture] = None
         self._checking = False
+        #: Set by callbacks for a training batch that is packed: its forwards must then carry its position ids.
+        self.expect_packed = False
+        self._segments: Optional[Tensor] = None
 
     @property
     def keep_logits(self) -> bool:
@@ -299,6 +319,7 @@ class TokenLossDispatcher:
             return None
         self.counts["dispatched"] += 1
         kwargs = dict(kwargs)
+        self._segments = self._packing(kwargs)
         self._labels = kwargs.pop("labels")
         self._captured = {}
         self._active = True
@@ -310,17 +331,42 @@ class TokenLossDispatcher:
             self._capture.start(keep_last=self._checking)
         return args, kwargs
 
+    def _packing(self, kwargs: dict) -> Optional[Tensor]:
+        """The sample numbers of a packed forward (``kwargs`` set to use no cache), else ``None``.
+
+        Raises :class:`PackingError` where transformers would let a packed row's samples attend to each other.
+        """
+        position_ids = kwargs.get("position_ids")
+        if not is_packed(position_ids):
+            if self.expect_packed:
+                raise PackingError(
+                    "this training batch is packed (several samples per row) but the model was called without its "
+                    "position_ids, so every token would attend to the earlier samples of its row: call the model "
+                    "with the batch's position_ids and no attention_mask, e.g. model(**batch)")
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            raise PackingError(
+                "the model was called with packed position_ids (several samples per row) and a 2D attention_mask: "
+                "transformers then ignores the sample boundaries; pass position_ids without attention_mask")
+        kwargs["use_cache"] = False  # a cache also turns transformers' packed-sequence detection off
+        return segment_ids(position_ids)
+
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         if module is not self.model or not self._active:
             return None
         self._active = False
         labels, self._labels = self._labels, None
+        segments, self._segments = self._segments, None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         attention_mask = kwargs.get("attention_mask")
-        if attention_mask is None:
+        if segments is not None:
+            segments = segments.expand(labels.shape[0], -1)  # position ids may come as (1, T)
+            attention_mask = real_tokens(segments).long()
+        elif attention_mask is None:
             attention_mask = torch.ones_like(labels)
         common = dict(model=module, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                      captured=self._captured, call_kwargs=kwargs, chunk_size=self.chunk_size)
+                      captured=self._captured, call_kwargs=kwargs, chunk_size=self.chunk_size, segments=segments)
         if self._capture is not None and self._capture.active:
             hidden = self._capture.stop()
             if hidden is None or hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
@@ -478,11 +524,15 @@ class TokenLossCallback(Callback):
     # A callback that never acts must not go unnoticed: the first training batch is watched, and if no forward
     # of the model was dispatched in it, one warning says what the callback needs and what it saw.
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.expect_packed = batch_is_packed(batch)
         if not self._checked_first_batch and self.dispatcher is not None:
             self._first_batch_counts = dict(self.dispatcher.counts)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.expect_packed = False
         if self._checked_first_batch or self._first_batch_counts is None or self.dispatcher is None:
             return
         self._checked_first_batch = True

@@ -90,11 +90,17 @@ def _fit(tmp_path, *extra, interrupt_at=None, ckpt_path=None, config="configs/sf
     return cli
 
 
-@pytest.mark.parametrize("config,interrupt_at,every_n_steps", [
-    ("configs/sft/tiny.yaml", 6, None), ("configs/sft/tiny.yaml", 9, "1"), ("configs/sft/qlora-tiny.yaml", 9, "1"),
-], ids=["epoch-boundary", "mid-epoch", "qlora-mid-epoch"])
-def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, config, interrupt_at, every_n_steps):
+PACKED = ["--data.init_args.packing", "true", "--data.init_args.batch_size", "2"]
+
+
+@pytest.mark.parametrize("config,interrupt_at,every_n_steps,packing", [
+    ("configs/sft/tiny.yaml", 6, None, False), ("configs/sft/tiny.yaml", 9, "1", False),
+    ("configs/sft/qlora-tiny.yaml", 9, "1", False), ("configs/sft/tiny.yaml", 5, "1", True),
+], ids=["epoch-boundary", "mid-epoch", "qlora-mid-epoch", "packed-mid-epoch"])
+def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, config, interrupt_at, every_n_steps,
+                                                                 packing):
     extra = ["--checkpoint.every_n_train_steps", every_n_steps] if every_n_steps else []
+    extra += PACKED if packing else []
     straight = _fit(tmp_path / "a", *extra, config=config)
     interrupted = _fit(tmp_path / "b", *extra, interrupt_at=interrupt_at, config=config)
     assert interrupted.trainer.global_step == interrupt_at and interrupted.trainer.interrupted
@@ -104,7 +110,10 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, confi
         torch.testing.assert_close(a, b, msg=name)
     for key in ("val/loss", "val/ppl", "train/loss"):
         torch.testing.assert_close(straight.trainer.callback_metrics[key], resumed.trainer.callback_metrics[key])
-    assert resumed.trainer.global_step == straight.trainer.global_step == 18
+    assert resumed.trainer.global_step == straight.trainer.global_step
+    batches = len(straight.datamodule.train_dataloader())
+    assert straight.trainer.global_step == 3 * batches
+    assert batches == 6 or (packing and interrupt_at % batches)  # the packed run is interrupted mid-epoch too
 
 
 def test_fit_under_ddp_with_two_cpu_processes(tmp_path):

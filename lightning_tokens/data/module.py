@@ -21,6 +21,7 @@ from lightning_tokens.data.encode import (
     encode_prompt,
     encode_record,
 )
+from lightning_tokens.data.packing import PackedCollator, PackedRows
 from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.data.records import DataError, Record, check_prompt_record, from_dicts, read_file, read_hub_dataset
 
@@ -142,6 +143,11 @@ class SFTDataModule(LightningDataModule):
         predict_file: Prompts for ``predict`` (``lightning-tokens predict``): records with a ``"prompt"``
             (a completion is not needed) and optionally the ``answer_field``. Default ``None``: the
             validation split's prompts.
+        packing: Pack training samples into rows of at most ``max_length`` tokens, without padding between
+            them (see :mod:`lightning_tokens.data.packing`): a batch is ``batch_size`` rows, each holding as
+            many samples as fit, with ``position_ids`` restarting at every sample and no token attending
+            across samples. Validation batches stay padded, so their losses compare with unpacked runs.
+            Default ``False``.
     """
 
     def __init__(
@@ -164,6 +170,7 @@ class SFTDataModule(LightningDataModule):
         pad_to_multiple_of: int = 1,
         answer_field: str = "answer",
         predict_file: Optional[str] = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if truncation not in ("truncate", "drop"):
@@ -180,6 +187,8 @@ class SFTDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pad_to_multiple_of = num_workers, pad_to_multiple_of
         self.answer_field, self.predict_file = answer_field, predict_file
+        self.packing = bool(packing)
+        self.packed_rows: Optional[PackedRows] = None
         self.predict_dataset: Optional[EncodedDataset] = None
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.train_dataset: Optional[EncodedDataset] = None
@@ -258,6 +267,10 @@ class SFTDataModule(LightningDataModule):
         train, val = self._records()
         self.train_dataset = self._encode(train, "train")
         self.val_dataset = self._encode(val, "val") if val else None
+        if self.packing:
+            self.packed_rows = PackedRows(self.train_dataset, self.max_length)
+            rank_zero_info(f"SFTDataModule train: {len(self.train_dataset)} samples packed into {len(self.packed_rows)} "
+                           f"rows of at most {self.max_length} tokens ({self.packed_rows.fill:.1%} filled)")
 
     def _collator(self, generation: bool) -> SFTCollator:
         return SFTCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, generation=generation)
@@ -266,9 +279,25 @@ class SFTDataModule(LightningDataModule):
         return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(self.train_dataset, batch_size=self.batch_size, collate_fn=self._collator(False),
-                                   sampler=EpochSeededSampler(self.train_dataset, self.seed), num_workers=self.num_workers,
+        dataset = self.packed_rows if self.packing else self.train_dataset
+        collate = (PackedCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, self._flash_attention())
+                   if self.packing else self._collator(False))
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, collate_fn=collate,
+                                   sampler=EpochSeededSampler(dataset, self.seed), num_workers=self.num_workers,
                                    progress=self._progress if self.trainer is not None else None)
+
+    def _flash_attention(self) -> bool:
+        """Whether the trained model uses flash attention, whose packed batches carry ``cu_seq_lens_*``."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if module is None:
+            return False
+        from lightning_tokens.token_loss import find_causal_lm
+
+        try:
+            config = find_causal_lm(module).config
+        except ValueError:
+            return False
+        return "flash" in str(getattr(config, "_attn_implementation", "") or "")
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:

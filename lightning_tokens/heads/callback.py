@@ -146,7 +146,8 @@ class ConceptAwareFineTuning(TokenLossCallback):
         if _TRUNK_KEY not in ctx.captured or self._heads is None:
             raise RuntimeError("ConceptAwareFineTuning: the last decoder layer's input was not captured")
         trunk = Trunk.from_call(*ctx.captured[_TRUNK_KEY])
-        losses = head_losses(self._heads, ctx.model, trunk, ctx.labels, ctx.attention_mask, self.chunk_size)
+        losses = head_losses(self._heads, ctx.model, trunk, ctx.labels, ctx.attention_mask, self.chunk_size,
+                             ctx.segments)
         weight = self.schedule_weight
         auxiliary = self.beta * weight * weighted_sum(losses, self.gamma)
         ctx.extra_losses["caft"] = auxiliary

@@ -110,7 +110,8 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 
 def causal_additive_mask(attention_mask: Optional[Tensor], query_length: int, past_length: int,
-                         dtype: torch.dtype, device: torch.device, batch_size: int = 1) -> Tensor:
+                         dtype: torch.dtype, device: torch.device, batch_size: int = 1,
+                         segments: Optional[Tensor] = None) -> Tensor:
     """``(B, 1, q, past + q)`` additive mask: 0 where a query may attend, the dtype's minimum elsewhere.
 
     A query sees keys at or before its own position that are not padding; it always sees itself, so no row
@@ -123,6 +124,8 @@ def causal_additive_mask(attention_mask: Optional[Tensor], query_length: int, pa
         dtype: Dtype of the mask (that of the attention scores).
         device: Its device.
         batch_size: ``B`` when ``attention_mask`` is ``None``. Default ``1``.
+        segments: ``(B, past + q)`` sample number of each position of a packed row, or ``None``: a query then
+            sees the keys of its own sample only. Default ``None``.
     """
     total = past_length + query_length
     query_pos = torch.arange(past_length, total, device=device)[:, None]
@@ -132,6 +135,8 @@ def causal_additive_mask(attention_mask: Optional[Tensor], query_length: int, pa
         allowed = allowed & attention_mask[:, None, :total].bool()
     else:
         allowed = allowed.expand(batch_size, -1, -1)
+    if segments is not None:
+        allowed = allowed & (segments[:, None, :total] == segments[:, past_length:total, None])
     allowed = allowed | (key_pos == query_pos)[None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
@@ -227,7 +232,7 @@ class MultiTokenHeads(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------
     def head_states(self, k: int, trunk: Trunk, attention_mask: Optional[Tensor] = None,
-                    cache: Any = None, past_length: int = 0) -> Tensor:
+                    cache: Any = None, past_length: int = 0, segments: Optional[Tensor] = None) -> Tensor:
         """Hidden states of head ``k`` (1-based) over the trunk, before the final norm: ``(B, T, D)``.
 
         Args:
@@ -236,6 +241,7 @@ class MultiTokenHeads(nn.Module):
             attention_mask: ``(B, past_length + T)`` padding mask, or ``None``.
             cache: A transformers ``Cache`` of this head's own past keys/values (decoding), or ``None``.
             past_length: Positions already in ``cache``.
+            segments: ``(B, past_length + T)`` sample numbers of a packed batch, or ``None``.
         """
         block = self.blocks[k - 1]
         dtype = next(block.parameters()).dtype
@@ -243,7 +249,7 @@ class MultiTokenHeads(nn.Module):
         if self.architecture == "resblock":
             return block(hidden)
         batch, length = hidden.shape[:2]
-        mask = causal_additive_mask(attention_mask, length, past_length, dtype, hidden.device, batch)
+        mask = causal_additive_mask(attention_mask, length, past_length, dtype, hidden.device, batch, segments)
         kwargs: dict[str, Any] = {"attention_mask": mask, cache_keyword(block): cache, "use_cache": cache is not None}
         if trunk.position_embeddings is not None:
             kwargs["position_embeddings"] = tuple(p.to(dtype) for p in trunk.position_embeddings)

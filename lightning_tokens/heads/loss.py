@@ -38,7 +38,8 @@ class HeadLoss:
 
 
 def head_losses(heads: MultiTokenHeads, model: nn.Module, trunk: Trunk, labels: Tensor,
-                attention_mask: Optional[Tensor] = None, chunk_size: int = DEFAULT_CHUNK) -> list[HeadLoss]:
+                attention_mask: Optional[Tensor] = None, chunk_size: int = DEFAULT_CHUNK,
+                segments: Optional[Tensor] = None) -> list[HeadLoss]:
     """``CE_k`` of every head ``k = 1..K`` against ``labels`` shifted by ``1 + k``.
 
     Args:
@@ -48,6 +49,8 @@ def head_losses(heads: MultiTokenHeads, model: nn.Module, trunk: Trunk, labels: 
         labels: ``(B, T)`` labels as given to the model (unshifted, ``-100`` where not a target).
         attention_mask: ``(B, T)`` padding mask, or ``None``.
         chunk_size: Rows projected onto the vocabulary at once. Default ``1024``.
+        segments: ``(B, T)`` sample number of each token of a packed batch, or ``None``: a head then never
+            predicts a token of another sample, and its layer attends within the sample. Default ``None``.
 
     Returns:
         One :class:`HeadLoss` per head, in order.
@@ -69,8 +72,10 @@ def head_losses(heads: MultiTokenHeads, model: nn.Module, trunk: Trunk, labels: 
             # padding and eager attention it even depends on later tokens), and a padding target is none.
             real = attention_mask.bool()
             valid = valid & real[:, : length - shift] & real[:, shift:]
+        if segments is not None:
+            valid = valid & (segments[:, : length - shift] == segments[:, shift:])
         count = valid.sum()
-        states = heads.head_states(k, trunk, attention_mask)[:, : length - shift][valid]
+        states = heads.head_states(k, trunk, attention_mask, segments=segments)[:, : length - shift][valid]
         rows = heads.normed(model, k, states)
         # CE_k is a plain mean, so each row's weight is known now: the fused path finishes its gradients in forward.
         scale = torch.ones(rows.shape[0], device=rows.device) / count.clamp_min(1)

@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
+from lightning_tokens.data.packing import batch_is_packed, model_inputs, real_tokens, segment_ids
 from lightning_tokens.heads.heads import Architecture, MultiTokenHeads, capture_trunk
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
@@ -84,9 +85,12 @@ class MultiTokenHeadsModule(LightningModule):
     def _losses(self, batch: dict):
         base = causal_lm_of(self.model)
         with torch.no_grad(), capture_trunk(base) as holder:
-            base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            base.base_model(**{**model_inputs(batch, labels=False), "use_cache": False})
         trunk = holder["trunk"].detach()
-        return head_losses(self.heads, base, trunk, batch["labels"], batch["attention_mask"], self.chunk_size)
+        # A packed batch (SFTDataModule(packing=True)) has no attention mask: its samples are told by position ids.
+        segments = segment_ids(batch["position_ids"]) if batch_is_packed(batch) else None
+        mask = batch["attention_mask"] if segments is None else real_tokens(segments)
+        return head_losses(self.heads, base, trunk, batch["labels"], mask, self.chunk_size, segments)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch)

@@ -46,7 +46,8 @@ AttentionInterface.register(PROBE_NAME, _probe)
 
 
 def context_attention(query: Tensor, key: Tensor, attention_mask: Tensor, context: Tensor,
-                      scaling: Optional[float] = None, softcap: Optional[float] = None) -> Tensor:
+                      scaling: Optional[float] = None, softcap: Optional[float] = None,
+                      segments: Optional[Tensor] = None) -> Tensor:
     """Head-mean attention mass from each query position to the context positions.
 
     The mass is an attention output: with the context indicator as the value vectors,
@@ -62,11 +63,13 @@ def context_attention(query: Tensor, key: Tensor, attention_mask: Tensor, contex
         context: ``(B, T)`` positions counted as context (real, non-target tokens).
         scaling: Multiplier of ``q . k``. Default ``None``: ``D ** -0.5``.
         softcap: Tanh soft-capping of the scores (Gemma 2), if any. Default ``None``.
+        segments: ``(B, T)`` sample number of each position in a packed row, or ``None``: a query then sees
+            the keys of its own sample only. Default ``None``.
 
     Returns:
         ``(B, T)`` float32: for query ``i``, ``mean_h sum_{j <= i, context[j]} softmax_j(q_i . k_j)`` where the
-        softmax runs over real positions ``j <= i`` and ``i`` itself (so a padding query, never a target, has
-        a defined row).
+        softmax runs over real positions ``j <= i`` (of ``i``'s own sample when packed) and ``i`` itself (so a
+        padding query, never a target, has a defined row).
     """
     batch, heads, length, dim = query.shape
     groups = key.shape[1]
@@ -89,6 +92,8 @@ def context_attention(query: Tensor, key: Tensor, attention_mask: Tensor, contex
         n = rows.shape[0]
         # (B, n, T): causal over real keys, and every query (a padding one too) sees itself
         allowed = ((positions[None, :] <= rows[:, None]) & valid) | (positions[None, :] == rows[:, None])
+        if segments is not None:
+            allowed = allowed & (segments[:, None, :] == segments[:, start:start + n, None])
         allowed = allowed[:, None, None].expand(batch, 1, per_group, n, length).reshape(batch, 1, per_group * n, length)
         q = query[:, :, :, start:start + n].float().reshape(batch, groups, per_group * n, dim)
         if softcap:
@@ -164,8 +169,10 @@ class AttentionProbe:
         dispatcher.capture_inputs(self.module, self.key)
 
     @torch.no_grad()
-    def scores(self, captured: dict, attention_mask: Tensor, context: Tensor) -> Tensor:
-        """``(B, T)`` context attention of every query position (see :func:`context_attention`)."""
+    def scores(self, captured: dict, attention_mask: Tensor, context: Tensor,
+               segments: Optional[Tensor] = None) -> Tensor:
+        """``(B, T)`` context attention of every query position (see :func:`context_attention`; ``segments`` are
+        the sample numbers of a packed batch, or ``None``)."""
         if self.key not in captured:
             raise RuntimeError(f"the inputs of decoder layer {self.layer}'s attention were not captured in this "
                                "forward; was the model called with input_ids?")
@@ -179,6 +186,6 @@ class AttentionProbe:
                 self.module(*args, **kwargs)
             except _Probed as probed:
                 return context_attention(probed.query, probed.key, attention_mask, context,
-                                         probed.scaling, probed.softcap)
+                                         probed.scaling, probed.softcap, segments)
         raise RuntimeError(f"{type(self.module).__name__} does not use transformers' attention interface, so its "
                            "attention cannot be recomputed; use mode='loss' or 'random'")

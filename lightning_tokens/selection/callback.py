@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
+from lightning_tokens.data.packing import SampleView
 from lightning_tokens.modeling import ModelSpec
 from lightning_tokens.selection.attention import AttentionProbe
 from lightning_tokens.selection.history import (DisabledAdapters, EmaWeights, FrozenCopy, HistorySource, Precomputed,
@@ -253,6 +254,9 @@ class TokenSelection(TokenLossCallback):
     # -- the selection -----------------------------------------------------------------------------------
     def reshape_token_loss(self, ctx: TokenLossContext) -> None:
         response = ctx.target_mask
+        # Everything per sample (min-max, top-k, rank correlation) runs on one row per sample, so a packed row's
+        # samples are selected exactly as they would be padded.
+        samples = SampleView(response, ctx.target_segments)
         current = ctx.token_loss.detach()
         n = response.sum().clamp_min(1)
         stats = {"loss_current": (current * response).sum() / n}
@@ -269,16 +273,16 @@ class TokenSelection(TokenLossCallback):
             if gamma > 0:
                 history = self.source.token_loss(ctx)
                 rel = history - current
-                rel_norm = minmax_per_sample(rel, response)
+                rel_norm = samples.collapse(minmax_per_sample(samples.expand(rel), samples.response))
                 stats.update(loss_history=(history * response).sum() / n, rel=(rel * response).sum() / n)
             if gamma < 1:
-                attention = self.probe.scores(ctx.captured, ctx.attention_mask, ctx.context_mask)[:, 1:]
+                attention = self.probe.scores(ctx.captured, ctx.attention_mask, ctx.context_mask, ctx.segments)[:, 1:]
                 stats["attention"] = (attention * response).sum() / n
             if 0 < gamma < 1:
-                stats["rank_corr"] = rank_correlation(rel, attention, response)
+                stats["rank_corr"] = rank_correlation(samples.expand(rel), samples.expand(attention), samples.response)
             score = mix_scores(rel_norm, attention, gamma)
             stats["gamma"] = torch.tensor(gamma)
-        keep = select_top(score, response, self.ratio)
+        keep = samples.collapse(select_top(samples.expand(score), samples.response, self.ratio))
         ctx.weights = ctx.weights * keep
         stats["kept_fraction"] = keep.sum() / n
         self.forwards += 1

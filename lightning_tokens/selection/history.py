@@ -35,7 +35,8 @@ def forward_kwargs(ctx: TokenLossContext) -> dict[str, Any]:
     kwargs = {key: ctx.call_kwargs[key] for key in FORWARD_KEYS if ctx.call_kwargs.get(key) is not None}
     if "input_ids" not in kwargs and "inputs_embeds" not in kwargs and ctx.input_ids is not None:
         kwargs["input_ids"] = ctx.input_ids
-    kwargs.setdefault("attention_mask", ctx.attention_mask)
+    if not ctx.packed:  # a packed batch's boundaries are in its position ids; a 2D mask would hide them
+        kwargs.setdefault("attention_mask", ctx.attention_mask)
     return kwargs
 
 
@@ -238,7 +239,7 @@ class Precomputed(HistorySource):
         self.table.check(samples)
 
     def token_loss(self, ctx: TokenLossContext) -> Tensor:
-        return self.table.lookup(ctx.input_ids, ctx.attention_mask, ctx.labels).to(ctx.device)
+        return self.table.lookup(ctx.input_ids, ctx.attention_mask, ctx.labels, ctx.segments).to(ctx.device)
 
 
 class ReferenceModel(HistorySource):

@@ -35,10 +35,21 @@ def sample_key(input_ids: Iterable[int], labels: Iterable[int]) -> str:
     return hashlib.blake2b(ids.tobytes() + targets.tobytes(), digest_size=16).hexdigest()
 
 
-def row_keys(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> list[str]:
-    """:func:`sample_key` of every row of a padded batch (padding removed)."""
-    rows = torch.stack([input_ids, labels, attention_mask.long()]).cpu().numpy()  # one device-to-host copy
-    return [sample_key(ids[mask], lab[mask]) for ids, lab, mask in zip(rows[0], rows[1], rows[2].astype(bool))]
+def row_keys(input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+             segments: Optional[Tensor] = None) -> list[tuple[int, str, np.ndarray]]:
+    """``(row, sample_key, positions)`` of every sample of a batch, padding removed, in row-major order, with
+    the ``(T,)`` bool positions of the sample in its row; a packed row (``segments``: the sample number of each
+    token) gives one entry per sample."""
+    if segments is None:
+        segments = torch.zeros_like(input_ids)
+    rows = torch.stack([input_ids, labels, attention_mask.long(), segments]).cpu().numpy()  # one device-to-host copy
+    keys = []
+    for row, (ids, lab, mask, seg) in enumerate(zip(*rows)):
+        real = mask.astype(bool)
+        for number in np.unique(seg[real]):
+            part = real & (seg == number)
+            keys.append((row, sample_key(ids[part], lab[part]), part))
+    return keys
 
 
 class LossTable:
@@ -104,20 +115,25 @@ class LossTable:
                              f"{missing} of {total} samples missing, {wrong} with another number of target tokens "
                              "(was it scored with another dataset, tokenizer, template or max_length?)")
 
-    def lookup(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """``(B, T - 1)`` history losses of a padded batch, 0 off the targets."""
+    def lookup(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+               segments: Optional[Tensor] = None) -> Tensor:
+        """``(B, T - 1)`` history losses of a padded or packed (``segments`` given) batch, 0 off the targets."""
         targets = (labels[:, 1:] != -100).cpu()
-        counts = targets.sum(1).tolist()
         pieces = []
-        for row, key in enumerate(row_keys(input_ids, attention_mask, labels)):
+        for row, key, _ in row_keys(input_ids, attention_mask, labels, segments):
             entry = self.index.get(key)
-            if entry is None or entry[1] != counts[row]:
+            if entry is None:
                 raise ValueError(f"TokenSelection.history_file: {self.path} has no losses for training sample "
                                  f"{input_ids[row][attention_mask[row].bool()][:12].tolist()}... "
                                  "(was it scored with another dataset, tokenizer, template or max_length?)")
             pieces.append(self.flat[entry[0]:entry[0] + entry[1]])
         out = torch.zeros(targets.shape, dtype=torch.float32)
-        out[targets] = torch.cat(pieces)  # row-major order: each row's targets in position order
+        flat = torch.cat(pieces)
+        if flat.numel() != int(targets.sum()):
+            raise ValueError(f"TokenSelection.history_file: {self.path} holds another number of target tokens for "
+                             "a sample of this batch (was it scored with another dataset, tokenizer, template or "
+                             "max_length?)")
+        out[targets] = flat  # row-major order: each row's samples, and their targets, in position order
         return out
 
 
@@ -133,6 +149,7 @@ def samples_of(datamodule: Any) -> Optional[list[tuple[list[int], list[int]]]]:
 @torch.no_grad()
 def score_dataloader(model: torch.nn.Module, batches: Iterable[dict], device: torch.device) -> LossTable:
     """History losses of every sample in ``batches`` under ``model`` (eval mode, adapters disabled)."""
+    from lightning_tokens.data.packing import batch_is_packed, model_inputs, real_tokens, segment_ids
     from lightning_tokens.modeling import causal_lm_of
     from lightning_tokens.selection.history import TokenNll, eval_mode
 
@@ -143,15 +160,19 @@ def score_dataloader(model: torch.nn.Module, batches: Iterable[dict], device: to
     losses: list[Tensor] = []
     seen: set[str] = set()
     for batch in batches:
-        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        inputs = {key: value.to(device) if isinstance(value, Tensor) else value
+                  for key, value in model_inputs(batch, labels=False).items()}
+        ids, labels = inputs["input_ids"], batch["labels"].to(device)
+        segments = segment_ids(inputs["position_ids"]) if batch_is_packed(batch) else None
+        mask = inputs["attention_mask"] if segments is None else real_tokens(segments)
         with (disable() if disable is not None else contextlib.nullcontext()), eval_mode(lm):
-            loss = nll(lm, {"input_ids": ids, "attention_mask": mask}, labels).cpu()
+            loss = nll(lm, inputs, labels).cpu()
         targets = (labels[:, 1:] != -100).cpu()
-        for row, key in enumerate(row_keys(ids, mask, labels)):
+        for row, key, part in row_keys(ids, mask, labels, segments):
             if key not in seen:
                 seen.add(key)
                 keys.append(key)
-                losses.append(loss[row][targets[row]].clone())
+                losses.append(loss[row][targets[row] & torch.from_numpy(part[1:])].clone())
     return LossTable(keys, losses)
 
 

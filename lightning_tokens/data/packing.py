@@ -1,0 +1,227 @@
+"""Padding-free packing: several samples share a row, and no token attends across a sample boundary.
+
+A packed batch carries ``input_ids``, ``labels`` and ``position_ids`` that restart at 0 with every sample,
+and no ``attention_mask``: that is how transformers recognises packed rows (``masking_utils`` builds a
+block-diagonal causal mask from the position ids for SDPA and eager attention when no 2D mask and no cache
+are given; flash attention reads the same boundaries from ``cu_seq_lens_*``). ``use_cache=False`` is part of
+the batch, because a training forward would otherwise create a cache, and a cache turns that detection off.
+
+The last token of a row may be followed by padding: every padding token has position 0 and so is a sample
+of one token, attending to itself alone. A real sample has at least two tokens (a context and a target),
+which is how :func:`real_tokens` tells them apart.
+
+A sample's first token never is a target: it would be predicted from the previous sample.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = -100
+#: Keys of a batch that a causal LM's forward takes (the rest, prompts and answers, are for generation).
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "use_cache",
+              "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+class PackingError(ValueError):
+    """A packed batch reached a model or a method in a way that would let samples see each other."""
+
+
+def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows of sample indices, each row's lengths summing to at most ``capacity``: best-fit decreasing.
+
+    Samples are placed longest first (ties: the lower index first), each into the fullest row it still fits
+    in, so the result depends on the lengths alone. Within a row, indices are in increasing order.
+
+    Raises:
+        ValueError: A sample is longer than ``capacity``.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, row number), sorted
+    for index in order:
+        length = lengths[index]
+        if length > capacity:
+            raise ValueError(f"sample {index} has {length} tokens, more than the row capacity {capacity}")
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot < len(free):
+            space, row = free.pop(slot)
+        else:
+            space, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        bisect.insort(free, (space - length, row))
+    return [sorted(row) for row in rows]
+
+
+class PackedRows(Dataset):
+    """A dataset of packed rows: item ``i`` is the list of the items of ``dataset`` that share row ``i``.
+
+    Args:
+        dataset: Items whose first element has ``input_ids`` (an :class:`~lightning_tokens.data.encode.Encoded`,
+            with anything after it, e.g. ``(Encoded, answer)``), or :class:`Encoded` themselves.
+        max_length: Tokens per row at most.
+    """
+
+    def __init__(self, dataset: Sequence[Any], max_length: int) -> None:
+        self.dataset, self.max_length = dataset, max_length
+        self.rows = pack_lengths([len(_encoded(dataset[i]).input_ids) for i in range(len(dataset))], max_length)
+        self.tokens = sum(len(_encoded(dataset[i]).input_ids) for i in range(len(dataset)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> list[Any]:
+        return [self.dataset[i] for i in self.rows[index]]
+
+    @property
+    def fill(self) -> float:
+        """Share of the rows' ``max_length`` slots holding real tokens."""
+        return self.tokens / max(1, len(self.rows) * self.max_length)
+
+
+def _encoded(item: Any) -> Any:
+    return item[0] if isinstance(item, tuple) else item
+
+
+@dataclass
+class PackedCollator:
+    """Concatenates the samples of each packed row into one row of a padding-free batch.
+
+    Returns ``input_ids``, ``labels`` (``-100`` on each sample's first token and on padding), ``position_ids``
+    (0, 1, ... per sample; 0 on every padding token) and ``use_cache=False``; with ``flash_attention`` also
+    ``cu_seq_lens_q/k`` and ``max_length_q/k`` (see :func:`flash_attention_kwargs`).
+
+    Args:
+        pad_token_id: Id used for padding.
+        pad_to_multiple_of: Round the row length up to this multiple. Default ``1``.
+        flash_attention: Add flash attention's sequence boundaries. Default ``False``.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 1
+    flash_attention: bool = False
+
+    def __call__(self, rows: list[list[Any]]) -> dict[str, Any]:
+        packed = [[_encoded(item) for item in row] for row in rows]
+        lengths = [sum(len(s.input_ids) for s in row) for row in packed]
+        width = -(-max(lengths) // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(packed):
+            start = 0
+            for sample in row:
+                n = len(sample.input_ids)
+                input_ids[r, start:start + n] = torch.tensor(sample.input_ids)
+                labels[r, start + 1:start + n] = torch.tensor(sample.labels[1:])
+                position_ids[r, start:start + n] = torch.arange(n)
+                start += n
+        batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                                 "use_cache": False}
+        if self.flash_attention:
+            batch.update(flash_attention_kwargs(position_ids))
+        return batch
+
+
+def segment_ids(position_ids: Tensor) -> Tensor:
+    """``(B, T)`` number of the sample each token belongs to within its row, from 0.
+
+    A sample starts wherever a position is not the previous one plus 1: transformers' own rule
+    (``masking_utils.find_packed_sequence_indices``), so these are the blocks attention saw.
+    """
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    return (step != 1).long().cumsum(-1)
+
+
+def is_packed(position_ids: Optional[Tensor]) -> bool:
+    """Whether some row of ``position_ids`` holds more than one sample (one device synchronisation)."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] < 2:
+        return False
+    return bool((segment_ids(position_ids)[:, -1] > 0).any())
+
+
+def real_tokens(segments: Tensor) -> Tensor:
+    """``(B, T)`` bool: tokens of samples of two or more tokens; the lone tokens are padding."""
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    return ~(starts & ends)
+
+
+def batch_is_packed(batch: Any) -> bool:
+    """Whether a training batch is a packed one: a mapping with packed ``position_ids`` and no ``attention_mask``."""
+    if not isinstance(batch, dict) or batch.get("attention_mask") is not None:
+        return False
+    position_ids = batch.get("position_ids")
+    return isinstance(position_ids, Tensor) and is_packed(position_ids)
+
+
+def model_inputs(batch: dict[str, Any], labels: bool = True) -> dict[str, Any]:
+    """The keys of ``batch`` a causal LM's forward takes (packed or padded), ``labels`` included or not."""
+    return {key: batch[key] for key in MODEL_KEYS if key in batch and (labels or key != "labels")}
+
+
+def real_token_count(batch: dict[str, Any]) -> Tensor:
+    """Real (non-padding) tokens in a padded or packed batch."""
+    if batch.get("attention_mask") is not None:
+        return batch["attention_mask"].sum()
+    if batch.get("position_ids") is not None:
+        return real_tokens(segment_ids(batch["position_ids"])).sum()
+    return torch.tensor(batch["input_ids"].numel())
+
+
+def flash_attention_kwargs(position_ids: Tensor) -> dict[str, Any]:
+    """``cu_seq_lens_q/k`` (int32 start offsets of every sample in the flattened batch, then its size) and
+    ``max_length_q/k`` (the longest sample), which transformers' flash attention uses for variable-length
+    attention over a ``(B, T)`` packed batch."""
+    segments = segment_ids(position_ids)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    offsets = starts.reshape(-1).nonzero().view(-1)
+    cu = torch.cat([offsets, torch.tensor([position_ids.numel()], device=offsets.device)]).to(torch.int32)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+class SampleView:
+    """Per-sample views of ``(B, N)`` per-token tensors whose rows may hold several samples.
+
+    ``expand`` gives an ``(S, N)`` tensor with one row per sample (the values of its row), ``response`` is the
+    ``(S, N)`` mask of each sample's own response tokens, and ``collapse`` puts per-sample results (0 off the
+    sample's tokens) back into ``(B, N)``. Without packing every row is one sample and the view is the identity.
+
+    Args:
+        response: ``(B, N)`` bool mask of the tokens that count (targets).
+        segments: ``(B, N)`` sample number of each position within its row, or ``None`` (not packed).
+    """
+
+    def __init__(self, response: Tensor, segments: Optional[Tensor] = None) -> None:
+        self.batch_response = response
+        if segments is None:
+            self.rows, self.response = None, response
+            return
+        width = int(segments.max()) + 1
+        ids = torch.arange(response.shape[0], device=response.device)[:, None] * width + segments
+        present = torch.unique(ids[response])
+        self.rows = torch.div(present, width, rounding_mode="floor")
+        self.response = (ids[self.rows] == present[:, None]) & response[self.rows]
+
+    def expand(self, values: Tensor) -> Tensor:
+        return values if self.rows is None else values[self.rows]
+
+    def collapse(self, values: Tensor) -> Tensor:
+        if self.rows is None:
+            return values
+        if values.dtype == torch.bool:
+            return self.collapse(values.long()) > 0
+        placed = torch.where(self.response, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        out = torch.zeros(self.batch_response.shape, dtype=values.dtype, device=values.device)
+        return out.index_add_(0, self.rows, placed)

@@ -1,0 +1,234 @@
+"""Every method on packed batches: the same per-sample decisions, losses and gradients as the samples padded."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_tokens.data.encode import Encoded, pad
+from lightning_tokens.data.packing import PackedCollator, PackingError, segment_ids
+
+from test_lean_loss import KINDS, assert_same_gradients, gradients, load, naive_caft_loss
+from test_packing import sample
+
+# Five samples of mixed lengths and prompts; packed as two rows of three and two samples.
+SAMPLES = [sample(9, 3, 10), sample(5, 2, 11), sample(12, 4, 12), sample(7, 1, 13), sample(10, 5, 14)]
+ROWS = [[0, 1, 2], [3, 4]]
+
+
+def padded(samples: list[Encoded], side: str) -> dict:
+    return {"input_ids": pad([s.input_ids for s in samples], 0, side),
+            "attention_mask": pad([[1] * len(s.input_ids) for s in samples], 0, side),
+            "labels": pad([s.labels for s in samples], -100, side)}
+
+
+def packed(samples: list[Encoded]) -> dict:
+    return PackedCollator(pad_token_id=0, pad_to_multiple_of=8)([[samples[i] for i in row] for row in ROWS])
+
+
+def per_sample(mask: torch.Tensor, batch: dict) -> list[list[int]]:
+    """The ``(B, T - 1)`` prediction mask as, for every sample in SAMPLES order, the positions it marks within the
+    sample (prediction ``t`` predicts token ``t + 1``; positions counted from the sample's first token)."""
+    result: dict[int, list[int]] = {}
+    if "position_ids" in batch:
+        segments = segment_ids(batch["position_ids"])
+        for r, row in enumerate(ROWS):
+            for number, index in enumerate(row):
+                start = int((segments[r] == number).nonzero()[0])
+                result[index] = [int(t) - start for t in mask[r].nonzero().view(-1) if segments[r, t + 1] == number]
+    else:
+        for i in range(len(SAMPLES)):
+            start = int(batch["attention_mask"][i].nonzero()[0])
+            result[i] = [int(t) - start for t in mask[i].nonzero().view(-1)]
+    return [result[i] for i in range(len(SAMPLES))]
+
+
+class Kept:
+    """A handler run after the method: what it kept."""
+
+    def reshape_token_loss(self, ctx):
+        self.kept = (ctx.weights > 0).detach()
+
+
+def selection_run(kind: str, batch: dict, mode: str) -> tuple:
+    from lightning_tokens import TokenSelection
+
+    model = load(kind)
+    selection = TokenSelection(warmup=0, ratio=0.5, mode=mode)
+    selection.attach(model)
+    if kind == "full":  # move the model away from its frozen history copy, so REL is not zero
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+    kept = Kept()
+    selection.dispatcher.add(kept)
+    try:
+        loss = model(**batch).loss
+        loss.backward()
+    finally:
+        selection.dispatcher.remove(kept)
+        selection.detach()
+    return loss.detach(), per_sample(kept.kept, batch), gradients(model), selection.metrics
+
+
+@pytest.mark.parametrize("mode", ["sstoken", "attention", "loss"])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_token_selection_selects_each_packed_sample_as_if_padded(kind, side, mode):
+    loss_padded, kept_padded, grads_padded, stats_padded = selection_run(kind, padded(SAMPLES, side), mode)
+    loss_packed, kept_packed, grads_packed, stats_packed = selection_run(kind, packed(SAMPLES), mode)
+    targets = [sum(label != -100 for label in s.labels[1:]) for s in SAMPLES]
+    assert [len(k) for k in kept_packed] == [-(-n // 2) for n in targets]  # ceil(0.5 n) per sample, not per row
+    assert kept_packed == kept_padded
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=0, atol=1e-5)
+    for name in ("loss_history", "rel", "attention", "rank_corr"):
+        if name in stats_padded:
+            torch.testing.assert_close(stats_packed[name], stats_padded[name], rtol=0, atol=1e-5)
+    assert_same_gradients(grads_packed, grads_padded)
+
+
+def caft_run(kind: str, batch: dict, architecture: str, naive_batch: dict | None = None) -> tuple:
+    from lightning_tokens import ConceptAwareFineTuning
+
+    model = load(kind)
+    holder = pl.LightningModule()
+    holder.net = model
+    caft = ConceptAwareFineTuning(num_heads=2, architecture=architecture, beta=0.5, train_heads=True)
+    with pytest.warns(UserWarning, match="untrained"):
+        caft.setup(None, holder, "fit")
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in holder.caft_heads.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    caft.total_steps, caft.step = 4, 1
+    loss = model(**batch).loss
+    loss.backward()
+    grads = gradients(holder)
+    caft.teardown(None, holder, "fit")
+    naive = None
+    if naive_batch is not None:
+        holder.zero_grad()
+        naive = naive_caft_loss(model, holder.caft_heads, naive_batch, 0.5, 0.8, caft.schedule_weight)
+        naive.backward()
+        naive = (naive.detach(), gradients(holder))
+    return loss.detach(), grads, caft._last, naive
+
+
+@pytest.mark.parametrize("architecture", ["layer", "resblock"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_caft_heads_never_predict_across_a_boundary(kind, architecture):
+    """Packed CAFT equals an independent full-logits computation on the same samples right-padded."""
+    right = padded(SAMPLES, "right")
+    loss, grads, logged, (naive_loss, naive_grads) = caft_run(kind, packed(SAMPLES), architecture, right)
+    torch.testing.assert_close(loss, naive_loss, rtol=0, atol=1e-5)
+    assert_same_gradients(grads, naive_grads)
+    assert any(name.startswith("caft_heads.") for name in grads)
+    # and head by head, as logged, against the same samples left-padded
+    _, _, logged_left, _ = caft_run(kind, padded(SAMPLES, "left"), architecture)
+    for k in (1, 2):
+        torch.testing.assert_close(logged[f"caft_head{k}_loss"], logged_left[f"caft_head{k}_loss"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(logged[f"caft_head{k}_acc"], logged_left[f"caft_head{k}_acc"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_plain_sft_packed_loss_and_gradients_equal_padded(kind):
+    from lightning_tokens.token_loss import PlainLoss, TokenLossDispatcher
+
+    results = []
+    for batch in (padded(SAMPLES, "left"), packed(SAMPLES)):
+        model = load(kind)
+        handler = PlainLoss()
+        TokenLossDispatcher.for_model(model).add(handler)
+        loss = model(**batch).loss
+        loss.backward()
+        TokenLossDispatcher.for_model(model).remove(handler)
+        results.append((loss.detach(), gradients(model)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-5)
+    assert_same_gradients(results[1][1], results[0][1])
+
+
+class UserModule(pl.LightningModule):
+    """A user's own module; ``by_name`` picks the keys a padded batch has, as much user code does."""
+
+    def __init__(self, by_name: bool = False):
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from lightning_tokens.data.tokenizer import load_task_tokenizer
+
+        from conftest import tiny_config
+
+        self.tokenizer = load_task_tokenizer()
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(**tiny_config(vocab_size=len(self.tokenizer)))
+        self.model = AutoModelForCausalLM.from_config(config)
+        self.by_name = by_name
+
+    def training_step(self, batch, batch_idx):
+        if self.by_name:
+            return self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.model.parameters(), lr=0.01)
+
+
+def packed_data(**overrides):
+    from lightning_tokens import ReasoningTask, SFTDataModule
+
+    task = ReasoningTask(num_train=48, num_val=0, max_digits=3, max_operands=3, style="mixed")
+    return SFTDataModule(task=task, batch_size=2, max_length=256, packing=True, val_fraction=0, **overrides)
+
+
+def trainer(steps, **kwargs):
+    return pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, accelerator="cpu", **kwargs)
+
+
+def test_a_user_module_trains_on_packed_batches_and_one_dropping_their_position_ids_fails_clearly():
+    from lightning_tokens import TokenSelection
+
+    module = UserModule()
+    trainer(2, enable_checkpointing=False, callbacks=[TokenSelection(mode="attention")]).fit(module, packed_data())
+    assert module.trainer.callback_metrics["selection/kept_fraction"] > 0
+    with pytest.raises(PackingError, match="without its position_ids"):
+        trainer(1, enable_checkpointing=False, callbacks=[TokenSelection(mode="attention")]).fit(
+            UserModule(by_name=True), packed_data())
+
+
+def test_packed_batches_are_deterministic_and_resume_mid_epoch(tmp_path):
+    """The packed loader's batches depend on the seed alone, and a run resumed mid-epoch sees the rest of them
+    (weights and metrics of a resumed packed run: tests/test_cli.py)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_tokens import CausalLMModule
+    from lightning_tokens.modeling import ModelSpec
+
+    from conftest import tiny_config
+
+    class Recorder(pl.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append(batch["input_ids"].clone())
+
+    def run(steps, ckpt_path=None, **kwargs):
+        module = CausalLMModule(model=ModelSpec(config=tiny_config()), max_new_tokens=0, generation_batches=0)
+        recorder = Recorder()
+        fit = trainer(steps, callbacks=[recorder, *kwargs.pop("callbacks", [])], **kwargs)
+        fit.fit(module, packed_data(), ckpt_path=ckpt_path)
+        return recorder.seen, module
+
+    straight, _ = run(6, enable_checkpointing=False)
+    rows = packed_data()
+    rows.setup("fit")
+    assert len(rows.train_dataloader()) > 6  # the interruption below falls inside the first epoch
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_last=True)
+    first, _ = run(3, callbacks=[checkpoint])
+    resumed, _ = run(6, ckpt_path=str(tmp_path / "last.ckpt"), enable_checkpointing=False)
+    assert len(first) == 3 and len(resumed) == 3
+    for a, b in zip(straight, first + resumed):
+        assert torch.equal(a, b)
