@@ -63,6 +63,24 @@ def test_fit_fast_dev_run_on_every_tiny_config(config, tmp_path, monkeypatch):
     build_cli(["fit", "--config", str(config), "--trainer.fast_dev_run", "2", *SMALL_TASK])
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_config_accepts_packing(config, offline_hub, tmp_path):
+    cli = build_cli(["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+                     "--trainer.default_root_dir", str(tmp_path), "--data.init_args.packing", "true"], run=False)
+    assert cli.datamodule.packing is True
+
+
+@pytest.mark.parametrize("config", TINY_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_fit_fast_dev_run_on_every_tiny_config_packed(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", "--config", str(config), "--trainer.fast_dev_run", "2", *SMALL_TASK,
+                     "--data.init_args.packing", "true"])
+    loader = cli.datamodule.train_dataloader()
+    assert len(loader) < -(-len(loader.dataset.dataset) // cli.datamodule.batch_size)  # fewer batches than padded
+    assert "position_ids" in next(iter(loader))
+    assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == min(2, len(loader))
+
+
 class Interrupt(Callback):
     """Kills the run (as Ctrl-C would) once ``step`` optimizer steps are done."""
 

@@ -232,3 +232,66 @@ def test_packed_batches_are_deterministic_and_resume_mid_epoch(tmp_path):
     assert len(first) == 3 and len(resumed) == 3
     for a, b in zip(straight, first + resumed):
         assert torch.equal(a, b)
+
+
+# -- Quiet-STaR and the budget predictor ------------------------------------------------------------------
+def quiet_star_module(model_type: str, lora: bool):
+    from lightning_tokens import QuietSTaRModule
+    from lightning_tokens.modeling import ModelSpec
+
+    from conftest import tiny_config
+
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) if model_type == "gpt2" else {}
+    spec = ModelSpec(config=tiny_config(model_type, **no_dropout), lora=LORA if lora else None)
+    torch.manual_seed(0)  # the mixing head and thought embeddings start from the global generator
+    module = QuietSTaRModule(spec, thought_length=2, n_ahead_talk=3, n_thoughts=2, policy_weight=1.0)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a non-zero mixing head, so the mixed prediction differs from the base one
+        torch.nn.init.normal_(module.mixing_head.net[-1].weight, std=0.5)
+    return module
+
+
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+
+
+@pytest.mark.parametrize("train_on", ["text", "labels"])
+@pytest.mark.parametrize("model_type,lora", [("llama", False), ("gpt2", False), ("qwen2", True)])
+def test_quiet_star_thinks_about_each_packed_sample_alone(model_type, lora, train_on):
+    """Greedy thoughts (temperature 0) make the passes deterministic: every term and gradient then matches."""
+    results = []
+    for batch in (padded(SAMPLES, "right"), packed(SAMPLES)):
+        module = quiet_star_module(model_type, lora)
+        module.train_on = train_on
+        module.train()
+        out = module.quiet_star(batch["input_ids"], batch.get("attention_mask"), batch["labels"], temperature=0.0,
+                                position_ids=batch.get("position_ids"))
+        out.loss.backward()
+        results.append((out.metrics(), gradients(module)))
+    (padded_terms, padded_grads), (packed_terms, packed_grads) = results
+    for name in ("loss", "base_nll", "mixed_nll", "mixing_weight", "reward"):
+        torch.testing.assert_close(packed_terms[name], padded_terms[name], rtol=0, atol=1e-5, msg=name)
+    assert_same_gradients(packed_grads, padded_grads)
+
+
+def test_budget_predictor_sees_each_packed_trace_alone(tmp_path):
+    from lightning_tokens import BudgetPredictorModule, TraceDataModule
+    from lightning_tokens.budget.data import collate_traces
+    from lightning_tokens.modeling import ModelSpec
+
+    from conftest import tiny_config
+
+    module = BudgetPredictorModule(ModelSpec(config=tiny_config("llama")))
+    traces = TraceDataModule(packing=True, max_length=256, batch_size=2)
+    traces.tokenizer = module.tokenizer
+    traces.setup("fit")
+    rows = traces.train_dataloader().dataset
+    row_samples = [rows[0], rows[1]]
+    assert all(len(row) > 1 for row in row_samples)
+    packed_batch = PackedCollator(module.tokenizer.pad_token_id, fields=("remaining",))(row_samples)
+    padded_batch = collate_traces([s for row in row_samples for s in row], module.tokenizer.pad_token_id)
+    nll_packed, alpha_packed, _, length_packed = module.step(packed_batch)
+    nll_padded, alpha_padded, _, length_padded = module.step(padded_batch)
+    assert nll_packed.numel() > 0
+    torch.testing.assert_close(length_packed, length_padded)
+    torch.testing.assert_close(nll_packed, nll_padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alpha_packed, alpha_padded, rtol=1e-5, atol=1e-5)

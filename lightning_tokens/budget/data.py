@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_tokens.data.encode import encode_record, pad
-from lightning_tokens.data.module import EpochSeededSampler, check_length_and_split
+from lightning_tokens.data.module import EpochSeededSampler, ResumableDataLoader, check_length_and_split, epoch_progress
+from lightning_tokens.data.packing import PackedCollator, PackedRows
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, ReasoningTask
 from lightning_tokens.data.records import DataError, Record, check_record, from_dicts, read_file
 
@@ -148,7 +149,8 @@ class TraceDataModule(LightningDataModule):
     or the embedded reasoning task's dataset traces.
 
     Batches carry ``input_ids``, ``attention_mask`` (right padding) and ``remaining`` (``L_i``, 0 where a
-    position is not supervised).
+    position is not supervised); packed training batches (``packing=True``) carry ``position_ids`` in place
+    of ``attention_mask``.
 
     Args:
         train_file: Trace records (``prompt``/``completion`` or ``messages``). Default ``None``: the task.
@@ -165,12 +167,15 @@ class TraceDataModule(LightningDataModule):
         eval_batch_size: Validation batch size. Default ``None``: ``batch_size``.
         seed: Seed of the split and shuffling. Default ``0``.
         num_workers: DataLoader workers. Default ``0``.
+        packing: Pack training traces into rows of at most ``max_length`` tokens without padding (see
+            :mod:`lightning_tokens.data.packing`). Validation stays padded. Default ``False``.
     """
 
     def __init__(self, train_file: Optional[str] = None, val_file: Optional[str] = None,
                  task: Optional[ReasoningTask] = None, think_start: Optional[str] = THINK_START,
                  think_end: str = THINK_END, max_length: int = 1024, val_fraction: float = 0.05,
-                 batch_size: int = 8, eval_batch_size: Optional[int] = None, seed: int = 0, num_workers: int = 0) -> None:
+                 batch_size: int = 8, eval_batch_size: Optional[int] = None, seed: int = 0, num_workers: int = 0,
+                 packing: bool = False) -> None:
         super().__init__()
         check_length_and_split("TraceDataModule", max_length, val_fraction)
         self.save_hyperparameters()
@@ -179,7 +184,7 @@ class TraceDataModule(LightningDataModule):
         self.think_start, self.think_end = think_start, think_end
         self.max_length, self.val_fraction, self.seed = max_length, val_fraction, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers = num_workers
+        self.num_workers, self.packing = num_workers, bool(packing)
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.train_samples: list[TraceSample] = []
         self.val_samples: list[TraceSample] = []
@@ -220,8 +225,12 @@ class TraceDataModule(LightningDataModule):
     def _loader(self, samples: list[TraceSample], train: bool) -> DataLoader:
         collate = partial(collate_traces, pad_token_id=self.tokenizer.pad_token_id)
         if train:
-            return DataLoader(samples, batch_size=self.batch_size, sampler=EpochSeededSampler(samples, self.seed),
-                              collate_fn=collate, num_workers=self.num_workers)
+            dataset = PackedRows(samples, self.max_length) if self.packing else samples
+            if self.packing:
+                collate = PackedCollator(self.tokenizer.pad_token_id, fields=("remaining",))
+            return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=EpochSeededSampler(dataset, self.seed),
+                                       collate_fn=collate, num_workers=self.num_workers,
+                                       progress=epoch_progress(self.trainer))
         return DataLoader(samples, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
                           num_workers=self.num_workers)
 

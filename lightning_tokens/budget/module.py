@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 from lightning_tokens.budget.capture import HiddenStateCapture
 from lightning_tokens.budget.gamma import decoded_mode, encode_length, gamma_cdf, gamma_nll
 from lightning_tokens.budget.predictor import BudgetPredictor
+from lightning_tokens.data.packing import batch_is_packed, real_tokens, segment_ids
 from lightning_tokens.modeling import ModelSpec, decoder_of, load_frozen_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
 
@@ -59,18 +60,26 @@ class BudgetPredictorModule(LightningModule):
 
     # -- core ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-        """``(P, N + 1, H)`` hidden states of the frozen LM at the ``select`` positions."""
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], select: torch.Tensor,
+                      position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(P, N + 1, H)`` hidden states of the frozen LM at the ``select`` positions (``position_ids`` and no
+        ``attention_mask`` for a packed batch)."""
         with HiddenStateCapture(self.model, last_only=False, mask=select) as capture:
-            decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False)
             return capture.states
 
     def step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per supervised position: NLL, shape, rate and true ``L`` (realised next tokens as candidates)."""
         remaining = batch["remaining"]
-        select = (remaining > 0) & batch["attention_mask"].bool()
+        if batch_is_packed(batch):  # several traces per row: a position's next token must be of its own trace
+            segments = segment_ids(batch["position_ids"])
+            select = (remaining > 0) & real_tokens(segments)
+            select[:, :-1] &= segments[:, 1:] == segments[:, :-1]
+        else:
+            select = (remaining > 0) & batch["attention_mask"].bool()
         select[:, -1] = False  # the last position has no next token in the batch
-        states = self.hidden_states(batch["input_ids"], batch["attention_mask"], select)
+        states = self.hidden_states(batch["input_ids"], batch.get("attention_mask"), select, batch.get("position_ids"))
         next_tokens = batch["input_ids"][:, 1:][select[:, :-1]]
         length = remaining[select].float()
         alpha, rate = self.predictor(states, next_tokens)

@@ -100,6 +100,14 @@ class ResumableDataLoader(DataLoader):
         yield from iterator
 
 
+def epoch_progress(trainer: Any) -> Optional[Callable[[], tuple[int, int]]]:
+    """The ``progress`` of a :class:`ResumableDataLoader` trained on by ``trainer``: ``(epoch, batches done in
+    it)``; ``None`` without a trainer."""
+    if trainer is None:
+        return None
+    return lambda: (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+
 def check_length_and_split(owner: str, max_length: int, val_fraction: float) -> None:
     """One clear error for a ``max_length`` below 2 or a ``val_fraction`` outside [0, 1) of data module ``owner``."""
     if max_length < 2:
@@ -275,16 +283,13 @@ class SFTDataModule(LightningDataModule):
     def _collator(self, generation: bool) -> SFTCollator:
         return SFTCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, generation=generation)
 
-    def _progress(self) -> tuple[int, int]:
-        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-
     def train_dataloader(self) -> DataLoader:
         dataset = self.packed_rows if self.packing else self.train_dataset
         collate = (PackedCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, self._flash_attention())
                    if self.packing else self._collator(False))
         return ResumableDataLoader(dataset, batch_size=self.batch_size, collate_fn=collate,
                                    sampler=EpochSeededSampler(dataset, self.seed), num_workers=self.num_workers,
-                                   progress=self._progress if self.trainer is not None else None)
+                                   progress=epoch_progress(self.trainer))
 
     def _flash_attention(self) -> bool:
         """Whether the trained model uses flash attention, whose packed batches carry ``cu_seq_lens_*``."""
@@ -322,4 +327,4 @@ class SFTDataModule(LightningDataModule):
         return {"seed": self.seed}
 
 
-__all__ = ["SFTDataModule", "EpochSeededSampler", "EncodedDataset", "ResumableDataLoader"]
+__all__ = ["SFTDataModule", "EpochSeededSampler", "EncodedDataset", "ResumableDataLoader", "epoch_progress"]

@@ -94,37 +94,44 @@ def _encoded(item: Any) -> Any:
 class PackedCollator:
     """Concatenates the samples of each packed row into one row of a padding-free batch.
 
-    Returns ``input_ids``, ``labels`` (``-100`` on each sample's first token and on padding), ``position_ids``
-    (0, 1, ... per sample; 0 on every padding token) and ``use_cache=False``; with ``flash_attention`` also
-    ``cu_seq_lens_q/k`` and ``max_length_q/k`` (see :func:`flash_attention_kwargs`).
+    Returns ``input_ids``, ``position_ids`` (0, 1, ... per sample; 0 on every padding token), one tensor per
+    name in ``fields`` (``labels``: ``-100`` on each sample's first token and on padding; any other field 0 on
+    padding) and ``use_cache=False``; with ``flash_attention`` also ``cu_seq_lens_q/k`` and
+    ``max_length_q/k`` (see :func:`flash_attention_kwargs`).
 
     Args:
         pad_token_id: Id used for padding.
         pad_to_multiple_of: Round the row length up to this multiple. Default ``1``.
         flash_attention: Add flash attention's sequence boundaries. Default ``False``.
+        fields: Per-token attributes of the samples, besides ``input_ids``, to pack. Default ``("labels",)``.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int = 1
     flash_attention: bool = False
+    fields: tuple[str, ...] = ("labels",)
 
     def __call__(self, rows: list[list[Any]]) -> dict[str, Any]:
         packed = [[_encoded(item) for item in row] for row in rows]
         lengths = [sum(len(s.input_ids) for s in row) for row in packed]
         width = -(-max(lengths) // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        values = {name: torch.full(shape, IGNORE_INDEX if name == "labels" else 0, dtype=torch.long)
+                  for name in self.fields}
         for r, row in enumerate(packed):
             start = 0
             for sample in row:
                 n = len(sample.input_ids)
                 input_ids[r, start:start + n] = torch.tensor(sample.input_ids)
-                labels[r, start + 1:start + n] = torch.tensor(sample.labels[1:])
                 position_ids[r, start:start + n] = torch.arange(n)
+                for name, tensor in values.items():
+                    tensor[r, start:start + n] = torch.tensor(getattr(sample, name))
+                if "labels" in values:
+                    values["labels"][r, start] = IGNORE_INDEX
                 start += n
-        batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                                 "use_cache": False}
+        batch: dict[str, Any] = {"input_ids": input_ids, **values, "position_ids": position_ids, "use_cache": False}
         if self.flash_attention:
             batch.update(flash_attention_kwargs(position_ids))
         return batch

@@ -10,8 +10,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lightning_tokens.data.encode import pad
-from lightning_tokens.data.module import EpochSeededSampler, check_length_and_split
+from lightning_tokens.data.encode import Encoded, pad
+from lightning_tokens.data.module import EpochSeededSampler, ResumableDataLoader, check_length_and_split, epoch_progress
+from lightning_tokens.data.packing import PackedCollator, PackedRows
 from lightning_tokens.data.reasoning_task import ReasoningTask, render_prompt
 
 
@@ -39,6 +40,9 @@ class PlainTextDataModule(LightningDataModule):
         batch_size: Training batch size. Default ``8``.
         eval_batch_size: Validation batch size. Default ``None``: ``batch_size``.
         seed: Seed of the shuffling and the split. Default ``0``.
+        packing: Pack training crops into rows of at most ``max_length`` tokens without padding (see
+            :mod:`lightning_tokens.data.packing`); thoughts never read another crop. Validation stays
+            padded. Default ``False``.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class PlainTextDataModule(LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: Optional[int] = None,
         seed: int = 0,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         check_length_and_split("PlainTextDataModule", max_length, val_fraction)
@@ -65,6 +70,7 @@ class PlainTextDataModule(LightningDataModule):
         self.task = task if task is not None else ReasoningTask()
         self.tokenizer_name, self.max_length, self.val_fraction = tokenizer, max_length, val_fraction
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size or batch_size, seed
+        self.packing = bool(packing)
         self.tokenizer = None
         self.train_docs: list[list[int]] = []
         self.val_docs: list[list[int]] = []
@@ -150,8 +156,13 @@ class PlainTextDataModule(LightningDataModule):
         return batch
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_docs, batch_size=self.batch_size, collate_fn=self._collate,
-                          sampler=EpochSeededSampler(self.train_docs, self.seed))
+        dataset, collate = self.train_docs, self._collate
+        if self.packing:
+            crops = [Encoded(doc, doc, 0, f"document {i}") for i, doc in enumerate(self.train_docs)]
+            dataset = PackedRows(crops, self.max_length)
+            collate = PackedCollator(self.tokenizer.pad_token_id or 0)
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, collate_fn=collate,
+                                   sampler=EpochSeededSampler(dataset, self.seed), progress=epoch_progress(self.trainer))
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_docs:

@@ -64,15 +64,19 @@ class QuietSTaRLoss:
         return {name: value.detach() for name, value in vars(self).items()}
 
 
-def next_token_targets(input_ids: Tensor, attention_mask: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+def next_token_targets(input_ids: Tensor, attention_mask: Tensor, labels: Optional[Tensor] = None,
+                       segments: Optional[Tensor] = None) -> Tensor:
     """``(B, L)``: the token position ``i`` must predict (``x_i+1``), or ``-100`` where there is none.
 
     Without ``labels`` every real token after a real token is a target (plain text); with ``labels``
-    (``-100`` on prompt and padding) only the labelled tokens are.
+    (``-100`` on prompt and padding) only the labelled tokens are. With ``segments`` (the sample numbers of a
+    packed batch) a sample's last token predicts nothing.
     """
     mask = attention_mask.bool()
     source = input_ids if labels is None else labels
     valid = mask[:, 1:] & mask[:, :-1] & (source[:, 1:] != IGNORE_INDEX)
+    if segments is not None:
+        valid &= segments[:, 1:] == segments[:, :-1]
     targets = torch.where(valid, input_ids[:, 1:], IGNORE_INDEX)
     return F.pad(targets, (0, 1), value=IGNORE_INDEX)
 
@@ -142,6 +146,8 @@ def quiet_star_loss(
         branch_real = passes.attention_mask.bool().repeat_interleave(n, 0)
     else:
         branch_real = torch.ones_like(rows_targets, dtype=torch.bool)
+    if passes.segments is not None:
+        rows_segments = passes.segments.repeat_interleave(n, 0)
     rows_base_hidden = passes.base_hidden.repeat_interleave(n, 0)
     rows_base_ce = base_ce.detach().repeat_interleave(n, 0)
     step_nlls, weights, weight_masks = [], [], []
@@ -151,6 +157,8 @@ def quiet_star_loss(
     for shift, talk in enumerate(passes.talk_hidden):
         tgt = shift_left(rows_targets, shift, IGNORE_INDEX)
         step_valid = (tgt != IGNORE_INDEX) & branch_real
+        if passes.segments is not None:  # a talk step that ran into the next sample of a packed row predicts nothing
+            step_valid &= shift_left(rows_segments, shift, -1) == rows_segments
         base = shift_left(rows_base_hidden, shift, 0.0)
         ce, weight = checkpoint(mixed_nll, base, talk, tgt, use_reentrant=False)
         if step_valid.any():

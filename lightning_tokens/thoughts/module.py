@@ -12,6 +12,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_tokens.checkpoints import check_checkpoint_file
+from lightning_tokens.data.packing import is_packed, real_tokens, segment_ids
 from lightning_tokens.data.reasoning_task import check_answer
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
@@ -142,23 +143,36 @@ class QuietSTaRModule(LightningModule):
         """The transformers causal LM inside ``self.model``."""
         return causal_lm_of(self.model)
 
-    def quiet_star(self, input_ids: Tensor, attention_mask: Tensor, labels: Optional[Tensor] = None,
-                   temperature: Optional[float] = None) -> QuietSTaRLoss:
-        """The Quiet-STaR loss of a batch (thoughts sampled at ``temperature``, default the training one)."""
+    def quiet_star(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor] = None,
+                   temperature: Optional[float] = None, position_ids: Optional[Tensor] = None) -> QuietSTaRLoss:
+        """The Quiet-STaR loss of a batch (thoughts sampled at ``temperature``, default the training one).
+
+        A packed batch (``position_ids`` restarting at every sample, no ``attention_mask``) is thought about
+        sample by sample: no thought or talk step reads or predicts another sample's tokens.
+        """
         lm = self.lm
+        segments = None
+        if attention_mask is None:
+            if not is_packed(position_ids):
+                attention_mask = torch.ones_like(input_ids)
+                position_ids = None
+            else:
+                segments = segment_ids(position_ids)
+                attention_mask = real_tokens(segments).long()
         passes = parallel_thoughts(
             lm, input_ids, attention_mask, self.thought_embeddings.start, self.thought_embeddings.end,
             self.forbidden_ids, self.n_thoughts, self.thought_length, self.n_ahead_talk,
             temperature=self.thought_temperature if temperature is None else temperature,
-            pad_token_id=self.tokenizer.pad_token_id or 0,
+            pad_token_id=self.tokenizer.pad_token_id or 0, position_ids=position_ids if segments is not None else None,
         )
-        targets = next_token_targets(input_ids, attention_mask, labels if self.train_on == "labels" else None)
+        targets = next_token_targets(input_ids, attention_mask, labels if self.train_on == "labels" else None, segments)
         return quiet_star_loss(passes, lm.get_output_embeddings(), self.mixing_head, targets, self.forbidden_ids,
                                self.n_thoughts, self.base_loss_weight, self.policy_weight,
                                self.reinforce_temperature, self.difficult_fraction)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.quiet_star(batch["input_ids"], batch["attention_mask"], batch.get("labels"))
+        out = self.quiet_star(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"),
+                              position_ids=batch.get("position_ids"))
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"Quiet-STaR loss is {out.loss.item()} at step {self.global_step}")
         self.log("train/loss", out.loss, prog_bar=True)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
+from lightning_tokens.data.packing import segment_ids
 from lightning_tokens.modeling import cache_keyword, decoder_of
 
 
@@ -41,6 +42,8 @@ class ThoughtPasses:
             ``x_i+1+s`` after the thought (step 0 follows ``<eot>``, step ``s`` has read ``x_i+1..x_i+s``).
         attention_mask: ``(B, L)`` the batch's padding mask: only branches at real positions are thoughts.
             Default ``None``: no padding.
+        segments: ``(B, L)`` sample number of each position of a packed batch, or ``None``: a talk step then
+            never predicts a token of the next sample. Default ``None``.
     """
 
     base_hidden: Tensor
@@ -48,6 +51,7 @@ class ThoughtPasses:
     thought_tokens: Tensor
     talk_hidden: list[Tensor]
     attention_mask: Optional[Tensor] = None
+    segments: Optional[Tensor] = None
 
 
 def check_supported(lm: PreTrainedModel) -> None:
@@ -67,11 +71,14 @@ def positions_of(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def text_mask(attention_mask: Tensor, sliding_window: Optional[int] = None) -> Tensor:
-    """``(B, L, L)`` bool: query ``i`` may read key ``j`` (causal, real keys; always itself, so no row is empty)."""
+def text_mask(attention_mask: Tensor, sliding_window: Optional[int] = None, segments: Optional[Tensor] = None) -> Tensor:
+    """``(B, L, L)`` bool: query ``i`` may read key ``j`` (causal, real keys of its own sample when ``segments``
+    number the samples of packed rows; always itself, so no row is empty)."""
     length = attention_mask.shape[-1]
     index = torch.arange(length, device=attention_mask.device)
     allowed = (index[None, :] <= index[:, None])[None] & attention_mask.bool()[:, None, :]
+    if segments is not None:
+        allowed &= segments[:, :, None] == segments[:, None, :]
     if sliding_window is not None:
         allowed &= (index[:, None] - index[None, :] < sliding_window)[None]
     return allowed | torch.eye(length, dtype=torch.bool, device=attention_mask.device)[None]
@@ -117,6 +124,7 @@ def parallel_thoughts(
     temperature: float = 1.0,
     pad_token_id: int = 0,
     generator: Optional[torch.Generator] = None,
+    position_ids: Optional[Tensor] = None,
 ) -> ThoughtPasses:
     """Run the text pass and every thought and talk pass of Quiet-STaR for all positions at once.
 
@@ -133,13 +141,17 @@ def parallel_thoughts(
         temperature: Sampling temperature of thought tokens; 0 takes the argmax. Default ``1.0``.
         pad_token_id: Id fed where a talk step runs past the end of a row. Default ``0``.
         generator: Random generator of the samples. Default ``None`` (the global one).
+        position_ids: ``(B, L)`` position ids of a packed batch (restarting at every sample, see
+            :mod:`lightning_tokens.data.packing`): every branch then reads its own sample alone. Default
+            ``None``: positions from ``attention_mask``, one sample per row.
     """
     check_supported(lm)
     backbone, head, embed = decoder_of(lm), lm.get_output_embeddings(), lm.get_input_embeddings()
     batch, length = input_ids.shape
     n = n_thoughts
-    positions = positions_of(attention_mask)
-    allowed = text_mask(attention_mask, _sliding_window(lm, length))
+    segments = None if position_ids is None else segment_ids(position_ids)
+    positions = positions_of(attention_mask) if position_ids is None else position_ids
+    allowed = text_mask(attention_mask, _sliding_window(lm, length), segments)
     embeds = embed(input_ids)
     dtype = embeds.dtype
     cache = DynamicCache()
@@ -179,4 +191,4 @@ def parallel_thoughts(
         shifted = torch.nn.functional.pad(repeated_ids[:, shift:], (0, shift), value=pad_token_id)
         talk_hidden.append(thought_step(embed(shifted), pass_index + shift))
     thought_tokens = torch.stack(tokens, -1) if tokens else input_ids.new_zeros(rows, length, 0)
-    return ThoughtPasses(base_hidden, thought_hidden, thought_tokens, talk_hidden, attention_mask)
+    return ThoughtPasses(base_hidden, thought_hidden, thought_tokens, talk_hidden, attention_mask, segments)
