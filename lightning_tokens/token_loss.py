@@ -30,7 +30,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from lightning_tokens.data.packing import PackingError, batch_is_packed, is_packed, real_tokens, segment_ids
+from lightning_tokens.data.packing import (PackingError, batch_is_packed, flash_attention_kwargs, is_packed,
+                                           real_tokens, segment_ids)
 from lightning_tokens.lean_loss import (DEFAULT_CHUNK, IGNORE_INDEX, HeadInputCapture, OutputProjection,
                                         UnsupportedLogits, chunked_cross_entropy, is_checked, shifted_targets,
                                         token_cross_entropy)
@@ -350,6 +351,10 @@ class TokenLossDispatcher:
                 "the model was called with packed position_ids (several samples per row) and a 2D attention_mask: "
                 "transformers then ignores the sample boundaries; pass position_ids without attention_mask")
         kwargs["use_cache"] = False  # a cache also turns transformers' packed-sequence detection off
+        implementation = str(getattr(getattr(self.model, "config", None), "_attn_implementation", "") or "")
+        if "flash" in implementation and kwargs.get("cu_seq_lens_q") is None:
+            # flash attention finds packed rows from position ids only in a batch of one row
+            kwargs.update(flash_attention_kwargs(position_ids))
         return segment_ids(position_ids)
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):

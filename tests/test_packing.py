@@ -158,3 +158,23 @@ def test_dispatcher_refuses_packed_rows_with_a_2d_mask_and_packed_batches_withou
     finally:
         dispatcher.expect_packed = False
         dispatcher.remove(handler)
+
+
+def test_flash_attention_models_get_the_boundaries_of_a_packed_batch_from_the_dispatcher():
+    """Flash attention reads packed rows from position ids only in a batch of one row; the dispatcher adds
+    ``cu_seq_lens_*`` to a packed forward that lacks them (a user's collator, a (B, T) batch)."""
+    model = tiny_model("llama", "sdpa")
+    batch = PackedCollator(pad_token_id=0)([[sample(5, 1, 0), sample(4, 1, 1)], [sample(6, 2, 2)]])
+    dispatcher = TokenLossDispatcher.for_model(model)
+    model.config._attn_implementation_internal = "flash_attention_2"  # no forward runs: only the kwargs are read
+    try:
+        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": True}
+        segments = dispatcher._packing(kwargs)
+        expected = flash_attention_kwargs(batch["position_ids"])
+        assert kwargs["use_cache"] is False and torch.equal(segments, segment_ids(batch["position_ids"]))
+        assert torch.equal(kwargs["cu_seq_lens_q"], expected["cu_seq_lens_q"]) and kwargs["max_length_q"] == 6
+        (cu, _), _ = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+        assert torch.equal(kwargs["cu_seq_lens_k"], cu)
+    finally:
+        model.config._attn_implementation_internal = "sdpa"
+        TokenLossDispatcher._registry.pop(model, None)

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_tokens.data.encode import encode_record, pad
 from lightning_tokens.data.module import EpochSeededSampler, ResumableDataLoader, check_length_and_split, epoch_progress
-from lightning_tokens.data.packing import PackedCollator, PackedRows
+from lightning_tokens.data.packing import PackedCollator, PackedRows, uses_flash_attention
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, ReasoningTask
 from lightning_tokens.data.records import DataError, Record, check_record, from_dicts, read_file
 
@@ -227,7 +227,8 @@ class TraceDataModule(LightningDataModule):
         if train:
             dataset = PackedRows(samples, self.max_length) if self.packing else samples
             if self.packing:
-                collate = PackedCollator(self.tokenizer.pad_token_id, fields=("remaining",))
+                collate = PackedCollator(self.tokenizer.pad_token_id, flash_attention=uses_flash_attention(self.trainer),
+                                         fields=("remaining",))
             return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=EpochSeededSampler(dataset, self.seed),
                                        collate_fn=collate, num_workers=self.num_workers,
                                        progress=epoch_progress(self.trainer))

@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 from lightning_tokens.budget.capture import HiddenStateCapture
 from lightning_tokens.budget.gamma import decoded_mode, encode_length, gamma_cdf, gamma_nll
 from lightning_tokens.budget.predictor import BudgetPredictor
-from lightning_tokens.data.packing import batch_is_packed, real_tokens, segment_ids
+from lightning_tokens.data.packing import FLASH_KEYS, batch_is_packed, real_tokens, segment_ids
 from lightning_tokens.modeling import ModelSpec, decoder_of, load_frozen_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
 
@@ -61,12 +61,12 @@ class BudgetPredictorModule(LightningModule):
     # -- core ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], select: torch.Tensor,
-                      position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``(P, N + 1, H)`` hidden states of the frozen LM at the ``select`` positions (``position_ids`` and no
-        ``attention_mask`` for a packed batch)."""
+                      position_ids: Optional[torch.Tensor] = None, **flash: Any) -> torch.Tensor:
+        """``(P, N + 1, H)`` hidden states of the frozen LM at the ``select`` positions (``position_ids``, no
+        ``attention_mask`` and, under flash attention, the ``cu_seq_lens_*`` of a packed batch)."""
         with HiddenStateCapture(self.model, last_only=False, mask=select) as capture:
             decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   use_cache=False)
+                                   use_cache=False, **flash)
             return capture.states
 
     def step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,7 +79,9 @@ class BudgetPredictorModule(LightningModule):
         else:
             select = (remaining > 0) & batch["attention_mask"].bool()
         select[:, -1] = False  # the last position has no next token in the batch
-        states = self.hidden_states(batch["input_ids"], batch.get("attention_mask"), select, batch.get("position_ids"))
+        flash = {key: batch[key] for key in FLASH_KEYS if key in batch}
+        states = self.hidden_states(batch["input_ids"], batch.get("attention_mask"), select, batch.get("position_ids"),
+                                    **flash)
         next_tokens = batch["input_ids"][:, 1:][select[:, :-1]]
         length = remaining[select].float()
         alpha, rate = self.predictor(states, next_tokens)

@@ -21,7 +21,7 @@ from lightning_tokens.data.encode import (
     encode_prompt,
     encode_record,
 )
-from lightning_tokens.data.packing import PackedCollator, PackedRows
+from lightning_tokens.data.packing import PackedCollator, PackedRows, uses_flash_attention
 from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.data.records import DataError, Record, check_prompt_record, from_dicts, read_file, read_hub_dataset
 
@@ -285,24 +285,13 @@ class SFTDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.packed_rows if self.packing else self.train_dataset
-        collate = (PackedCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, self._flash_attention())
+        collate = (PackedCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of,
+                                  uses_flash_attention(self.trainer))
                    if self.packing else self._collator(False))
         return ResumableDataLoader(dataset, batch_size=self.batch_size, collate_fn=collate,
                                    sampler=EpochSeededSampler(dataset, self.seed), num_workers=self.num_workers,
                                    progress=epoch_progress(self.trainer))
 
-    def _flash_attention(self) -> bool:
-        """Whether the trained model uses flash attention, whose packed batches carry ``cu_seq_lens_*``."""
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        if module is None:
-            return False
-        from lightning_tokens.token_loss import find_causal_lm
-
-        try:
-            config = find_causal_lm(module).config
-        except ValueError:
-            return False
-        return "flash" in str(getattr(config, "_attn_implementation", "") or "")
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:

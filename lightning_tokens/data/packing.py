@@ -25,8 +25,8 @@ from torch.utils.data import Dataset
 
 IGNORE_INDEX = -100
 #: Keys of a batch that a causal LM's forward takes (the rest, prompts and answers, are for generation).
-MODEL_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "use_cache",
-              "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "use_cache", *FLASH_KEYS)
 
 
 class PackingError(ValueError):
@@ -174,6 +174,21 @@ def batch_is_packed(batch: Any) -> bool:
 def model_inputs(batch: dict[str, Any], labels: bool = True) -> dict[str, Any]:
     """The keys of ``batch`` a causal LM's forward takes (packed or padded), ``labels`` included or not."""
     return {key: batch[key] for key in MODEL_KEYS if key in batch and (labels or key != "labels")}
+
+
+def uses_flash_attention(trainer: Any) -> bool:
+    """Whether the causal LM ``trainer`` trains runs flash attention (its packed batches then carry
+    :func:`flash_attention_kwargs`); ``False`` without a trainer or a model to look at."""
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    if module is None:
+        return False
+    from lightning_tokens.token_loss import find_causal_lm
+
+    try:
+        config = find_causal_lm(module).config
+    except ValueError:
+        return False
+    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
 
 
 def real_token_count(batch: dict[str, Any]) -> Tensor:

@@ -27,7 +27,8 @@ from lightning_tokens.lean_loss import DEFAULT_CHUNK, lean_token_loss
 from lightning_tokens.token_loss import TokenLossContext, per_token_loss
 
 #: Keyword arguments of a causal LM call that a history forward passes on (labels never).
-FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
+FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds",
+                "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def forward_kwargs(ctx: TokenLossContext) -> dict[str, Any]:
