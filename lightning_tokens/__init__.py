@@ -11,6 +11,7 @@ from lightning_tokens.budget import (
     estimate_thinking_length,
 )
 from lightning_tokens.data.module import SFTDataModule
+from lightning_tokens.data.packing import PackedCollator, PackingError
 from lightning_tokens.heads import (
     ConceptAwareFineTuning,
     MultiTokenHeads,
@@ -45,6 +46,8 @@ __all__ = [
     "MultiTokenHeads",
     "MultiTokenHeadsModule",
     "OptimizerConfig",
+    "PackedCollator",
+    "PackingError",
     "PlainLoss",
     "PlainTextDataModule",
     "PredictionWriter",

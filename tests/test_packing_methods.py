@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lightning_tokens.data.encode import Encoded, pad
-from lightning_tokens.data.packing import PackedCollator, PackingError, segment_ids
+from lightning_tokens.data.packing import PackedCollator, PackingError, batch_is_packed, real_tokens, segment_ids
 
-from test_lean_loss import KINDS, assert_same_gradients, gradients, load, naive_caft_loss
+from test_lean_loss import KINDS, assert_same_gradients, caft_on, gradients, load, naive_caft_loss
 from test_packing import sample
 
 # Five samples of mixed lengths and prompts; packed as two rows of three and two samples.
@@ -90,19 +90,7 @@ def test_token_selection_selects_each_packed_sample_as_if_padded(kind, side, mod
 
 
 def caft_run(kind: str, batch: dict, architecture: str, naive_batch: dict | None = None) -> tuple:
-    from lightning_tokens import ConceptAwareFineTuning
-
-    model = load(kind)
-    holder = pl.LightningModule()
-    holder.net = model
-    caft = ConceptAwareFineTuning(num_heads=2, architecture=architecture, beta=0.5, train_heads=True)
-    with pytest.warns(UserWarning, match="untrained"):
-        caft.setup(None, holder, "fit")
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for param in holder.caft_heads.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    caft.total_steps, caft.step = 4, 1
+    model, holder, caft = caft_on(kind, architecture)
     loss = model(**batch).loss
     loss.backward()
     grads = gradients(holder)
@@ -295,3 +283,56 @@ def test_budget_predictor_sees_each_packed_trace_alone(tmp_path):
     torch.testing.assert_close(length_packed, length_padded)
     torch.testing.assert_close(nll_packed, nll_padded, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alpha_packed, alpha_padded, rtol=1e-5, atol=1e-5)
+
+
+# -- precomputed history, and resuming the loaders of every data module ---------------------------------------
+def test_precomputed_history_of_packed_batches_equals_that_of_padded_ones():
+    """``lightning-tokens score`` on packed batches writes the table it writes on padded ones, and the table
+    gives every sample of a packed row its own losses (TokenSelection(history="precomputed"))."""
+    from lightning_tokens.selection.scoring import score_dataloader
+
+    model = load("full")
+    cpu = torch.device("cpu")
+    from_padded = score_dataloader(model, [padded(SAMPLES, "left")], cpu)
+    from_packed = score_dataloader(model, [packed(SAMPLES)], cpu)
+    assert sorted(from_padded.index) == sorted(from_packed.index) and len(from_packed.index) == len(SAMPLES)
+    for key, (offset, length) in from_padded.index.items():
+        other, other_length = from_packed.index[key]
+        assert length == other_length
+        torch.testing.assert_close(from_packed.flat[other:other + length], from_padded.flat[offset:offset + length],
+                                   rtol=0, atol=1e-5)
+    batch = packed(SAMPLES)
+    segments = segment_ids(batch["position_ids"])
+    looked_up = from_padded.lookup(batch["input_ids"], real_tokens(segments), batch["labels"], segments)
+    left = padded(SAMPLES, "left")
+    expected = from_padded.lookup(left["input_ids"], left["attention_mask"], left["labels"])
+    targets = batch["labels"][:, 1:] != -100
+    assert per_sample(targets & (looked_up != 0), batch) == per_sample((left["labels"][:, 1:] != -100), left)
+    assert torch.equal(looked_up[targets].sort().values, expected[left["labels"][:, 1:] != -100].sort().values)
+
+
+def every_packed_loader():
+    """A packed training loader of each data module, on the embedded task."""
+    from lightning_tokens import PlainTextDataModule, ReasoningTask, TraceDataModule
+
+    task = ReasoningTask(num_train=40, num_val=4)
+    plain = PlainTextDataModule(task=task, batch_size=2, max_length=128, packing=True)
+    traces = TraceDataModule(task=ReasoningTask(num_train=40, num_val=4, style="mixed"), batch_size=2,
+                             max_length=256, packing=True)
+    for data in (packed_data(), plain, traces):
+        data.setup("fit")
+        yield type(data).__name__, data.train_dataloader
+
+
+@pytest.mark.parametrize("name,loader", list(every_packed_loader()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_packed_loader_is_deterministic_and_resumes_mid_epoch(name, loader):
+    first = list(loader())
+    assert len(first) >= 4 and all(batch_is_packed(batch) for batch in first[:3]), name
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 0, "batches_done": 3})
+    rest = list(resumed)
+    assert len(rest) == len(first) - 3
+    for a, b in zip(first[3:], rest):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["position_ids"], b["position_ids"])
+    again = list(loader())
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again))

@@ -120,11 +120,11 @@ class LossTable:
         """``(B, T - 1)`` history losses of a padded or packed (``segments`` given) batch, 0 off the targets."""
         targets = (labels[:, 1:] != -100).cpu()
         pieces = []
-        for row, key, _ in row_keys(input_ids, attention_mask, labels, segments):
+        for row, key, part in row_keys(input_ids, attention_mask, labels, segments):
             entry = self.index.get(key)
             if entry is None:
                 raise ValueError(f"TokenSelection.history_file: {self.path} has no losses for training sample "
-                                 f"{input_ids[row][attention_mask[row].bool()][:12].tolist()}... "
+                                 f"{input_ids[row].cpu()[torch.from_numpy(part)][:12].tolist()}... "
                                  "(was it scored with another dataset, tokenizer, template or max_length?)")
             pieces.append(self.flat[entry[0]:entry[0] + entry[1]])
         out = torch.zeros(targets.shape, dtype=torch.float32)
