@@ -16,6 +16,7 @@ from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, extract
 from lightning_tokens.modeling import ModelSpec, base_reference, is_quantized, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups, remember_total_steps, total_training_steps
 from lightning_tokens.quantization import restore_4bit_quant_states
+from lightning_tokens.sharding import data_parallel_mesh, shard_causal_lm
 from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, PlainLoss, TokenLossDispatcher
 
 
@@ -122,7 +123,8 @@ class CausalLMModule(LightningModule):
 
         Validation and test never run at once, so they share the metric objects.
         """
-        outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        # a packed batch of a loader of your own carries use_cache=False: a cache would hide its sample boundaries
+        outputs = self.model(**model_inputs(batch))
         targets = (batch["labels"][:, 1:] != -100).sum()
         self.val_loss.update(outputs.loss, weight=targets)
         self.val_nll.update(outputs.loss, weight=targets)
@@ -191,6 +193,15 @@ class CausalLMModule(LightningModule):
         return completions
 
     # -- optimisation ----------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``, shard the model with FSDP2 (see :mod:`lightning_tokens.sharding`):
+        each decoder layer, then the whole model, on the data-parallel mesh; auxiliary heads a callback attached
+        (``caft_heads``) become units of their own. Under any other strategy, nothing happens."""
+        mesh = data_parallel_mesh(self)
+        if mesh is not None:
+            heads = getattr(self, "caft_heads", None)
+            shard_causal_lm(self.model, mesh, self.trainer.precision, () if heads is None else (heads,))
+
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
         return configure(self.optim, groups, total_training_steps(self))

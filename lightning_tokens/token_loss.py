@@ -414,8 +414,11 @@ def without_logits(output: Any) -> Any:
     cls = type(output)
     lean = _LEAN_OUTPUTS.get(cls)
     if lean is None:
+        # Without ``logits`` among its dataclass fields, code that walks an output's fields (FSDP2's post-forward
+        # hook, tree utilities) skips it instead of reading it.
+        fields = {name: f for name, f in getattr(cls, "__dataclass_fields__", {}).items() if name != "logits"}
         lean = type(cls.__name__, (cls,), {"logits": property(_no_logits, _set_logits), "__module__": cls.__module__,
-                                            "__doc__": cls.__doc__})
+                                            "__doc__": cls.__doc__, "__dataclass_fields__": fields})
         _LEAN_OUTPUTS[cls] = lean
     if "logits" in output.keys():
         OrderedDict.__delitem__(output, "logits")  # ModelOutput forbids __delitem__; the key must not linger in to_tuple()

@@ -336,3 +336,21 @@ def test_every_packed_loader_is_deterministic_and_resumes_mid_epoch(name, loader
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["position_ids"], b["position_ids"])
     again = list(loader())
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again))
+
+
+def test_validation_on_packed_batches_reports_the_padded_loss():
+    """Validation loaders stay padded; one of your own that packs reports the same ``val/loss``."""
+    from torch.utils.data import DataLoader
+
+    from lightning_tokens import CausalLMModule
+    from lightning_tokens.modeling import ModelSpec
+
+    from conftest import tiny_config
+
+    losses = []
+    for batch in (padded(SAMPLES, "right"), packed(SAMPLES)):
+        module = CausalLMModule(model=ModelSpec(config=tiny_config()), max_new_tokens=0)
+        validator = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        metrics = validator.validate(module, DataLoader([batch], batch_size=None), verbose=False)
+        losses.append(metrics[0]["val/loss"])
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)

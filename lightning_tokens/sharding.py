@@ -1,0 +1,89 @@
+"""Sharded training with FSDP2 under Lightning's ``ModelParallelStrategy``.
+
+A LightningModule shards its causal LM in ``configure_model``: every decoder layer, then the whole model, with
+``torch.distributed.fsdp.fully_shard`` on the strategy's data-parallel mesh. Parameters, gradients and
+optimizer state are then split across the data-parallel ranks; each decoder layer's weights are gathered just
+for its forward and backward. This runs on GPUs (NCCL) and on CPUs (gloo), so it is tested like DDP::
+
+    Trainer(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2)
+
+Quantized (bitsandbytes) weights cannot be sharded by FSDP2: such a model gets one clear error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lightning_tokens.modeling import decoder_layers, is_quantized
+
+#: Trainer precisions and the parameter / reduction dtypes of FSDP2's mixed precision for each.
+_PRECISIONS = {"bf16-mixed": (torch.bfloat16, torch.float32), "16-mixed": (torch.float16, torch.float32),
+               "bf16-true": (torch.bfloat16, torch.bfloat16), "16-true": (torch.float16, torch.float16)}
+
+
+def data_parallel_mesh(pl_module: Any) -> Optional[Any]:
+    """The data-parallel device mesh ``ModelParallelStrategy`` gave ``pl_module``, or ``None`` under any other strategy."""
+    try:
+        mesh = pl_module.device_mesh
+    except (AttributeError, RuntimeError):
+        return None
+    if mesh is None:
+        return None
+    return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+
+
+def mixed_precision(precision: Any) -> Optional[Any]:
+    """FSDP2's ``MixedPrecisionPolicy`` for a Trainer ``precision`` (``"bf16-mixed"``, ...), or ``None`` for 32-bit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtypes = _PRECISIONS.get(str(precision))
+    if dtypes is None:
+        return None
+    return MixedPrecisionPolicy(param_dtype=dtypes[0], reduce_dtype=dtypes[1])
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``module``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def shard_causal_lm(model: nn.Module, mesh: Any, precision: Any = None,
+                    extra: tuple[nn.Module, ...] = ()) -> None:
+    """Shard ``model`` (a causal LM, PEFT-wrapped or not) with FSDP2: each decoder layer, then the whole model.
+
+    Modules in ``extra`` (auxiliary heads, say) are sharded as units of their own, before the model. Calling it
+    again on a sharded model does nothing, so ``configure_model`` may run more than once.
+
+    Args:
+        model: The model.
+        mesh: The data-parallel ``DeviceMesh``.
+        precision: The Trainer's precision, for the mixed precision policy. Default ``None``: full precision.
+        extra: More modules to shard. Default ``()``.
+
+    Raises:
+        ValueError: The model holds bitsandbytes-quantized weights.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if is_sharded(model):
+        return
+    if is_quantized(model):
+        raise ValueError("ModelParallelStrategy (FSDP2) cannot shard bitsandbytes 4-bit or 8-bit weights; train a "
+                         "quantized model with one device per process (strategy 'ddp') instead")
+    options: dict[str, Any] = {"mesh": mesh}
+    policy = mixed_precision(precision)
+    if policy is not None:
+        options["mp_policy"] = policy
+    for layer in decoder_layers(model):
+        fully_shard(layer, **options)
+    for module in extra:
+        fully_shard(module, **options)
+    fully_shard(model, **options)
+
+
+__all__ = ["data_parallel_mesh", "is_sharded", "mixed_precision", "shard_causal_lm"]
