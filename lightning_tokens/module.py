@@ -16,7 +16,7 @@ from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, extract
 from lightning_tokens.modeling import ModelSpec, base_reference, is_quantized, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups, remember_total_steps, total_training_steps
 from lightning_tokens.quantization import restore_4bit_quant_states
-from lightning_tokens.sharding import data_parallel_mesh, shard_causal_lm
+from lightning_tokens.sharding import data_parallel_mesh, is_sharded, shard_causal_lm
 from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, PlainLoss, TokenLossDispatcher
 
 
@@ -200,7 +200,9 @@ class CausalLMModule(LightningModule):
         mesh = data_parallel_mesh(self)
         if mesh is not None:
             heads = getattr(self, "caft_heads", None)
-            shard_causal_lm(self.model, mesh, self.trainer.precision, () if heads is None else (heads,))
+            # each head block is called on its own, so each is a unit of its own (its hooks gather and reduce it)
+            blocks = () if heads is None else tuple(heads.blocks)
+            shard_causal_lm(self.model, mesh, self.trainer.precision, blocks)
 
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
@@ -240,6 +242,8 @@ class CausalLMModule(LightningModule):
         """
         path = Path(path)
         model = self.model
+        if is_sharded(model):
+            return self._export_sharded(path, merge_lora)
         if merge_lora and hasattr(model, "merge_and_unload"):
             if is_quantized(model):
                 raise ValueError("export(merge_lora=True): the base weights are quantized; merging into 4/8-bit "
@@ -250,6 +254,23 @@ class CausalLMModule(LightningModule):
         else:
             model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        return path
+
+
+    def _export_sharded(self, path: Path, merge_lora: bool) -> Path:
+        """:meth:`export` of a model sharded by FSDP2: every rank gathers the full weights, rank 0 writes them."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if hasattr(self.model, "peft_config"):
+            raise ValueError("export() of a LoRA model sharded by ModelParallelStrategy is not supported yet: save a "
+                             "checkpoint, load it in one process with the same config, and export there")
+        del merge_lora  # a full model has nothing to merge
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() == 0:
+            self.model.save_pretrained(path, state_dict=state)
+            self.tokenizer.save_pretrained(path)
+        dist.barrier()
         return path
 
 

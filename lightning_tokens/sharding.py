@@ -45,6 +45,14 @@ def mixed_precision(precision: Any) -> Optional[Any]:
     return MixedPrecisionPolicy(param_dtype=dtypes[0], reduce_dtype=dtypes[1])
 
 
+def shards_with_fsdp2(trainer: Any) -> bool:
+    """Whether ``trainer`` trains under ``ModelParallelStrategy`` (FSDP2), so modules get sharded in
+    ``configure_model``."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
+
+
 def is_sharded(module: nn.Module) -> bool:
     """Whether ``fully_shard`` was applied to ``module``."""
     from torch.distributed.fsdp import FSDPModule
@@ -86,4 +94,4 @@ def shard_causal_lm(model: nn.Module, mesh: Any, precision: Any = None,
     fully_shard(model, **options)
 
 
-__all__ = ["data_parallel_mesh", "is_sharded", "mixed_precision", "shard_causal_lm"]
+__all__ = ["data_parallel_mesh", "is_sharded", "mixed_precision", "shard_causal_lm", "shards_with_fsdp2"]

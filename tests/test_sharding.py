@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_cli import offline_hub  # noqa: F401  (a fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 TINY = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -23,15 +25,17 @@ TINY = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden
 
 SCRIPT = textwrap.dedent('''
     import json, sys
+    from pathlib import Path
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from lightning_tokens import CausalLMModule, ReasoningTask, SFTDataModule
     from lightning_tokens.modeling import ModelSpec
     from lightning_tokens.optim import OptimizerConfig
 
     torch.set_flush_denormal(True)
-    out, steps, options = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+
 
     class Record(pl.Callback):
         def __init__(self):
@@ -41,35 +45,62 @@ SCRIPT = textwrap.dedent('''
             self.seen.append({"batch": {k: v.cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)},
                               "loss": outputs["loss"].detach().cpu()})
 
-    torch.manual_seed(0)
-    module = CausalLMModule(model=ModelSpec(config=options["config"], lora=options.get("lora")),
-                            optimizer=OptimizerConfig(lr=1e-2, warmup=0, schedule="constant"), max_new_tokens=0)
-    data = SFTDataModule(task=ReasoningTask(num_train=32, num_val=8), max_length=64, batch_size=4,
-                         packing=options.get("packing", False))
-    record = Record()
-    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=steps, logger=False, callbacks=[record],
-                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(module, datamodule=data)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    weights = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    torch.save({"seen": record.seen, "weights": weights if trainer.global_rank == 0 else None},
-               f"{out}/rank{trainer.global_rank}.pt")
+
+    def run(out, steps, options):
+        torch.manual_seed(0)
+        module = CausalLMModule(model=ModelSpec(config=options["config"], lora=options.get("lora")),
+                                optimizer=OptimizerConfig(lr=1e-2, warmup=0, schedule="constant"), max_new_tokens=0)
+        data = SFTDataModule(task=ReasoningTask(num_train=32, num_val=8), max_length=64, batch_size=4,
+                             packing=options.get("packing", False))
+        record = Record()
+        callbacks = [record]
+        if options.get("callback") == "selection":
+            from lightning_tokens import TokenSelection
+
+            callbacks.append(TokenSelection(warmup=0, ratio=0.5))
+        elif options.get("callback") == "caft":
+            from lightning_tokens import ConceptAwareFineTuning
+
+            callbacks.append(ConceptAwareFineTuning(num_heads=2, beta=0.5, train_heads=True, schedule="constant"))
+        checkpointing = options.get("checkpoint_dir") is not None
+        if checkpointing:
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            callbacks.append(ModelCheckpoint(dirpath=options["checkpoint_dir"], every_n_train_steps=1, save_last=True))
+        trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=steps, logger=False, callbacks=callbacks,
+                             strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                             enable_checkpointing=checkpointing, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(module, datamodule=data, ckpt_path=options.get("ckpt_path"))
+        weights = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if options.get("export"):
+            module.export(out + "/export")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save({"seen": record.seen, "weights": weights if trainer.global_rank == 0 else None},
+                   f"{out}/rank{trainer.global_rank}.pt")
+
+
+    # One launch of two processes runs every requested run in turn: (folder, steps, options).
+    for out, steps, options in json.loads(sys.argv[1]):
+        run(out, steps, options)
 ''')
 
 
-def sharded_run(tmp_path: Path, **options) -> list[dict]:
+def sharded_runs(tmp_path: Path, runs: dict[str, tuple[int, dict]]) -> dict[str, list[dict]]:
+    """``{name: [rank 0 result, rank 1 result]}`` of the named ``(steps, options)`` runs, all in one launch."""
     import json
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "sharded.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
            "PL_DISABLE_FORK": "1"}
-    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(STEPS), json.dumps(options)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    plan = [(str(tmp_path / name), steps, options) for name, (steps, options) in runs.items()]
+    result = subprocess.run([sys.executable, str(script), json.dumps(plan)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    return {name: [torch.load(tmp_path / name / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+            for name in runs}
 
 
 def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict]:
@@ -85,6 +116,18 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
                             optimizer=OptimizerConfig(lr=1e-2, warmup=0, schedule="constant"), max_new_tokens=0)
     model = module.model.train()
     TokenLossDispatcher.for_model(model).add(PlainLoss())
+    if options.get("callback") == "selection":
+        from lightning_tokens import TokenSelection
+
+        selection = TokenSelection(warmup=0, ratio=0.5)
+        selection.attach(model, module)
+    elif options.get("callback") == "caft":
+        from lightning_tokens import ConceptAwareFineTuning
+
+        caft = ConceptAwareFineTuning(num_heads=2, beta=0.5, train_heads=True, schedule="constant")
+        with pytest.warns(UserWarning, match="untrained"):
+            caft.setup(None, module, "fit")
+        caft.total_steps = STEPS
     optimizer = build_optimizer(module.optim, parameter_groups(module.named_parameters(), module.optim.weight_decay))
     losses = []
     for step in range(STEPS):
@@ -96,20 +139,107 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
     return losses, {name: value.detach() for name, value in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("options", [dict(config=TINY), dict(config=TINY, packing=True),
-                                     dict(config=TINY, lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0})],
-                         ids=["full", "packed", "lora"])
-def test_sharded_sft_matches_one_process_on_the_same_batches(tmp_path, options):
-    ranks = sharded_run(tmp_path, **options)
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+CASES = {"full": dict(config=TINY), "packed": dict(config=TINY, packing=True),
+         "selection": dict(config=TINY, callback="selection"),
+         "selection-lora": dict(config=TINY, callback="selection", lora=LORA), "caft": dict(config=TINY, callback="caft")}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> dict[str, list[dict]]:
+    """Every case of this file, in one launch of two processes: the equivalence cases, a run interrupted after 2
+    of 4 steps with its checkpoints, its resumption, and an export."""
+    root = tmp_path_factory.mktemp("sharded")
+    checkpoints = str(root / "checkpoints")
+    resumable = dict(config=TINY, callback="selection")
+    runs = {name: (STEPS, options) for name, options in CASES.items()}
+    runs.update({"straight": (4, resumable), "first": (2, {**resumable, "checkpoint_dir": checkpoints}),
+                 "resumed": (4, {**resumable, "ckpt_path": checkpoints + "/last.ckpt"}),
+                 "export": (1, dict(config=TINY, export=True))})
+    results = sharded_runs(root, runs)
+    results["root"] = root
+    return results
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sharded_sft_matches_one_process_on_the_same_batches(sharded, case):
+    options = CASES[case]
+    ranks = sharded[case]
     losses, weights = replay(ranks, **options)
     assert not torch.equal(ranks[0]["seen"][0]["batch"]["input_ids"][:1], ranks[1]["seen"][0]["batch"]["input_ids"][:1])
     for step in range(STEPS):
         for rank in (0, 1):
             torch.testing.assert_close(ranks[rank]["seen"][step]["loss"], losses[step][rank], rtol=0, atol=1e-5)
-    sharded = ranks[0]["weights"]
-    assert sharded.keys() == weights.keys()
-    moved = 0
+    sharded_weights = ranks[0]["weights"]
+    assert sharded_weights.keys() == weights.keys() and weights
     for name, value in weights.items():
-        torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-5, msg=name)
-        moved += 1
-    assert moved
+        torch.testing.assert_close(sharded_weights[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_sharded_run_resumes_exactly_mid_epoch(sharded):
+    """Interrupted after 2 of 4 steps (mid-epoch) and resumed from its sharded checkpoint, a run gives the losses
+    and the weights of the uninterrupted run."""
+    straight, resumed = sharded["straight"], sharded["resumed"]
+    assert (sharded["root"] / "checkpoints" / "last.ckpt").is_dir()  # a distributed checkpoint: a shard per rank
+    for rank in (0, 1):
+        assert len(resumed[rank]["seen"]) == 2
+        for step in (0, 1):
+            expected, got = straight[rank]["seen"][2 + step], resumed[rank]["seen"][step]
+            assert torch.equal(expected["batch"]["input_ids"], got["batch"]["input_ids"])
+            torch.testing.assert_close(got["loss"], expected["loss"], rtol=0, atol=1e-6)
+    for name, value in straight[0]["weights"].items():
+        torch.testing.assert_close(resumed[0]["weights"][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_sharded_model_exports_full_weights_that_plain_transformers_loads(sharded):
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(sharded["root"] / "export" / "export")
+    state = loaded.state_dict()
+    for name, value in sharded["export"][0]["weights"].items():
+        assert torch.equal(state[name], value), name
+
+
+# -- what cannot be sharded says so at once -------------------------------------------------------------------
+def fake_trainer():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                           global_rank=0, datamodule=None)
+
+
+def test_combinations_fsdp2_cannot_shard_fail_at_setup(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_tokens import ConceptAwareFineTuning, TokenSelection
+    from lightning_tokens.heads import MultiTokenHeads
+    from lightning_tokens.modeling import ModelSpec, load_causal_lm
+    from lightning_tokens.sharding import shard_causal_lm
+
+    model, _ = load_causal_lm(ModelSpec(config=TINY))
+    holder = pl.LightningModule()
+    holder.net = model
+    with pytest.raises(ValueError, match=r"history='ema'\) cannot average weights that ModelParallelStrategy"):
+        TokenSelection(history="ema").setup(fake_trainer(), holder, "fit")
+    MultiTokenHeads(model, num_heads=2, separate_unembedding=True).save(tmp_path / "heads")
+    with pytest.raises(ValueError, match="separate unembeddings cannot be sharded"):
+        ConceptAwareFineTuning(heads_path=str(tmp_path / "heads")).setup(fake_trainer(), holder, "fit")
+    assert not hasattr(holder, "caft_heads")
+    quantized, _ = load_causal_lm(ModelSpec(config=TINY, quantization="nf4", compute_dtype="float32",
+                                            lora={"r": 4, "lora_alpha": 8}))
+    with pytest.raises(ValueError, match="cannot shard bitsandbytes 4-bit or 8-bit weights"):
+        shard_causal_lm(quantized, mesh=None)
+
+
+def test_the_fsdp_config_shards_with_model_parallel_strategy(offline_hub):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_tokens import CausalLMModule
+    from lightning_tokens.cli import build_cli
+
+    cli = build_cli(["--config", str(ROOT / "configs/sft/qwen2.5-7b-fsdp.yaml"), "--trainer.accelerator", "cpu",
+                     "--trainer.precision", "32-true"], run=False)
+    assert isinstance(cli.trainer.strategy, ModelParallelStrategy) and isinstance(cli.model, CausalLMModule)
+    assert cli.datamodule.packing and not cli.model.spec.quantization

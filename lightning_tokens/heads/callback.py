@@ -19,6 +19,7 @@ from lightning_tokens.heads.heads import WEIGHTS_NAME, Architecture, MultiTokenH
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.heads.schedule import parse_schedule, schedule_value
 from lightning_tokens.modeling import causal_lm_of, decoder_layers
+from lightning_tokens.sharding import shards_with_fsdp2
 from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, TokenLossCallback, TokenLossContext, find_causal_lm
 
 HEADS_ATTRIBUTE = "caft_heads"
@@ -102,6 +103,9 @@ class ConceptAwareFineTuning(TokenLossCallback):
         heads = getattr(pl_module, HEADS_ATTRIBUTE, None)
         if heads is None:
             heads = self._build_heads(model)  # before joining the dispatcher: a bad path leaves nothing behind
+            if heads.separate_unembedding and shards_with_fsdp2(trainer):
+                raise ValueError("ConceptAwareFineTuning: heads with separate unembeddings cannot be sharded by "
+                                 "ModelParallelStrategy (FSDP2) yet; use heads sharing lm_head, or strategy='ddp'")
             pl_module.add_module(HEADS_ATTRIBUTE, heads)
         heads.requires_grad_(bool(self.train_heads))
         lm_head = causal_lm_of(model).get_output_embeddings()

@@ -143,6 +143,21 @@ def _probing(module: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+@contextlib.contextmanager
+def _gathered(layer: nn.Module) -> Iterator[None]:
+    """Within: a decoder layer sharded by FSDP2 holds its full weights (gathered after its forward resharded them)."""
+    from lightning_tokens.sharding import is_sharded
+
+    if not is_sharded(layer):
+        yield
+        return
+    layer.unshard()
+    try:
+        yield
+    finally:
+        layer.reshard()
+
+
 class AttentionProbe:
     """Recomputes one decoder layer's attention to score response tokens by attention to their context.
 
@@ -158,7 +173,8 @@ class AttentionProbe:
             raise ValueError(f"{field}={layer}: the model has {len(layers)} decoder layers "
                              f"(valid: {-len(layers)} to {len(layers) - 1})")
         self.layer = layer % len(layers)
-        self.module = attention_module(layers[self.layer])
+        self.decoder_layer = layers[self.layer]
+        self.module = attention_module(self.decoder_layer)
         if not hasattr(self.module, "config"):
             raise ValueError(f"{field}={layer}: {type(self.module).__name__} has no transformers config; "
                              "the probe needs a module that uses transformers' attention interface")
@@ -181,7 +197,7 @@ class AttentionProbe:
         # again. Drop it whatever it is called (``past_key_values`` up to transformers 5.23, ``cache`` after).
         args = tuple(None if isinstance(value, Cache) else value for value in args)
         kwargs = {name: None if isinstance(value, Cache) else value for name, value in kwargs.items()}
-        with _probing(self.module):
+        with _probing(self.module), _gathered(self.decoder_layer):
             try:
                 self.module(*args, **kwargs)
             except _Probed as probed:

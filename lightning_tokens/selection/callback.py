@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_tokens.data.packing import SampleView
 from lightning_tokens.modeling import ModelSpec
+from lightning_tokens.sharding import shards_with_fsdp2
 from lightning_tokens.selection.attention import AttentionProbe
 from lightning_tokens.selection.history import (DisabledAdapters, EmaWeights, FrozenCopy, HistorySource, Precomputed,
                                                 ReferenceModel)
@@ -217,6 +218,9 @@ class TokenSelection(TokenLossCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self.needs_history and self.history == "ema" and self.mode != "rho1" and shards_with_fsdp2(trainer):
+            raise ValueError("TokenSelection(history='ema') cannot average weights that ModelParallelStrategy (FSDP2) "
+                             "shards; use history='base' or 'precomputed', or strategy='ddp'")
         self.rank = trainer.global_rank
         self.attach(find_causal_lm(pl_module, self.model_attribute), pl_module, trainer.strategy.root_device,
                     trainer.datamodule)
