@@ -94,4 +94,25 @@ def shard_causal_lm(model: nn.Module, mesh: Any, precision: Any = None,
     fully_shard(model, **options)
 
 
-__all__ = ["data_parallel_mesh", "is_sharded", "mixed_precision", "shard_causal_lm", "shards_with_fsdp2"]
+def shard_modules(modules: tuple[nn.Module, ...], mesh: Any, precision: Any = None) -> None:
+    """Shard each of ``modules`` (trainable heads or predictors beside a frozen, replicated model) as a unit of its
+    own; already sharded ones are left alone. Each must be called as a module (its hooks gather and reduce it)."""
+    from torch.distributed.fsdp import fully_shard
+
+    policy = mixed_precision(precision)
+    for module in modules:
+        if not is_sharded(module):
+            fully_shard(module, mesh=mesh, **({"mp_policy": policy} if policy is not None else {}))
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict on the CPU, gathered in full when FSDP2 shards it (then every rank must call it)."""
+    if not any(is_sharded(m) for m in module.modules()):
+        return {name: value.detach().cpu() for name, value in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+__all__ = ["data_parallel_mesh", "full_state_dict", "is_sharded", "mixed_precision", "shard_causal_lm",
+           "shard_modules", "shards_with_fsdp2"]

@@ -29,7 +29,6 @@ SCRIPT = textwrap.dedent('''
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from lightning_tokens import CausalLMModule, ReasoningTask, SFTDataModule
     from lightning_tokens.modeling import ModelSpec
     from lightning_tokens.optim import OptimizerConfig
@@ -46,12 +45,31 @@ SCRIPT = textwrap.dedent('''
                               "loss": outputs["loss"].detach().cpu()})
 
 
-    def run(out, steps, options):
-        torch.manual_seed(0)
-        module = CausalLMModule(model=ModelSpec(config=options["config"], lora=options.get("lora")),
-                                optimizer=OptimizerConfig(lr=1e-2, warmup=0, schedule="constant"), max_new_tokens=0)
+    def build(out, options):
+        """The module, its data and the part of it that trains."""
+        from lightning_tokens import BudgetPredictorModule, MultiTokenHeadsModule, TraceDataModule
+
+        optimizer = OptimizerConfig(lr=1e-2, warmup=0, schedule="constant")
+        spec = ModelSpec(config=options["config"], lora=options.get("lora"))
         data = SFTDataModule(task=ReasoningTask(num_train=32, num_val=8), max_length=64, batch_size=4,
                              packing=options.get("packing", False))
+        if options.get("module") == "heads":
+            module = MultiTokenHeadsModule(spec, num_heads=2, optimizer=optimizer, heads_path=out + "/heads")
+            return module, data, module.heads
+        if options.get("module") == "budget":
+            module = BudgetPredictorModule(spec, optimizer=optimizer, predictor_path=out + "/predictor.pt")
+            traces = TraceDataModule(task=ReasoningTask(num_train=32, num_val=8, style="mixed"), max_length=128,
+                                     batch_size=4)
+            return module, traces, module.predictor
+        module = CausalLMModule(model=spec, optimizer=optimizer, max_new_tokens=0)
+        return module, data, module.model
+
+
+    def run(out, steps, options):
+        from lightning_tokens.sharding import full_state_dict
+
+        torch.manual_seed(0)
+        module, data, trained = build(out, options)
         record = Record()
         callbacks = [record]
         if options.get("callback") == "selection":
@@ -72,7 +90,7 @@ SCRIPT = textwrap.dedent('''
                              enable_checkpointing=checkpointing, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
         trainer.fit(module, datamodule=data, ckpt_path=options.get("ckpt_path"))
-        weights = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        weights = full_state_dict(trained)
         if options.get("export"):
             module.export(out + "/export")
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -112,8 +130,11 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
     from lightning_tokens.token_loss import PlainLoss, TokenLossDispatcher
 
     torch.manual_seed(0)
-    module = CausalLMModule(model=ModelSpec(config=options["config"], lora=options.get("lora")),
-                            optimizer=OptimizerConfig(lr=1e-2, warmup=0, schedule="constant"), max_new_tokens=0)
+    optimizer_config = OptimizerConfig(lr=1e-2, warmup=0, schedule="constant")
+    spec = ModelSpec(config=options["config"], lora=options.get("lora"))
+    if options.get("module") in ("heads", "budget"):
+        return replay_frozen_base(ranks, spec, optimizer_config, options["module"])
+    module = CausalLMModule(model=spec, optimizer=optimizer_config, max_new_tokens=0)
     model = module.model.train()
     TokenLossDispatcher.for_model(model).add(PlainLoss())
     if options.get("callback") == "selection":
@@ -142,7 +163,38 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 CASES = {"full": dict(config=TINY), "packed": dict(config=TINY, packing=True),
          "selection": dict(config=TINY, callback="selection"),
-         "selection-lora": dict(config=TINY, callback="selection", lora=LORA), "caft": dict(config=TINY, callback="caft")}
+         "selection-lora": dict(config=TINY, callback="selection", lora=LORA), "caft": dict(config=TINY, callback="caft"),
+         "stage1-heads": dict(config=TINY, module="heads"), "budget-predictor": dict(config=TINY, module="budget")}
+
+
+def replay_frozen_base(ranks: list[dict], spec, optimizer_config, kind: str) -> tuple[list[list[torch.Tensor]], dict]:
+    """:func:`replay` for the stage-1 heads and the budget predictor, which train beside a frozen model."""
+    from lightning_tokens import BudgetPredictorModule, MultiTokenHeadsModule
+    from lightning_tokens.heads.loss import weighted_sum
+    from lightning_tokens.optim import build_optimizer, parameter_groups
+
+    if kind == "heads":
+        module = MultiTokenHeadsModule(spec, num_heads=2, optimizer=optimizer_config, heads_path=None)
+        trained = module.heads
+
+        def loss_of(batch):
+            return weighted_sum(module._losses(batch), module.gamma)
+    else:
+        module = BudgetPredictorModule(spec, optimizer=optimizer_config)
+        trained = module.predictor
+
+        def loss_of(batch):
+            return module.step(batch)[0].mean()
+    module.train()
+    optimizer = build_optimizer(optimizer_config, parameter_groups(trained.named_parameters(), optimizer_config.weight_decay))
+    losses = []
+    for step in range(STEPS):
+        step_losses = [loss_of(rank["seen"][step]["batch"]) for rank in ranks]
+        (sum(step_losses) / len(step_losses)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append([loss.detach() for loss in step_losses])
+    return losses, {name: value.detach() for name, value in trained.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +295,17 @@ def test_the_fsdp_config_shards_with_model_parallel_strategy(offline_hub):
                      "--trainer.precision", "32-true"], run=False)
     assert isinstance(cli.trainer.strategy, ModelParallelStrategy) and isinstance(cli.model, CausalLMModule)
     assert cli.datamodule.packing and not cli.model.spec.quantization
+
+
+def test_stage1_heads_and_the_budget_predictor_are_written_whole_from_sharded_runs(sharded):
+    from lightning_tokens import BudgetPredictor
+    from lightning_tokens.heads import MultiTokenHeads
+    from lightning_tokens.modeling import ModelSpec, load_causal_lm
+
+    model, _ = load_causal_lm(ModelSpec(config=TINY))
+    heads = MultiTokenHeads.load(sharded["root"] / "stage1-heads" / "heads", model)
+    for name, value in heads.state_dict().items():
+        assert torch.equal(value, sharded["stage1-heads"][0]["weights"][name]), name
+    predictor = BudgetPredictor.load(sharded["root"] / "budget-predictor" / "predictor.pt")
+    for name, value in predictor.state_dict().items():
+        assert torch.equal(value, sharded["budget-predictor"][0]["weights"][name]), name

@@ -14,6 +14,7 @@ from lightning_tokens.budget.predictor import BudgetPredictor
 from lightning_tokens.data.packing import FLASH_KEYS, batch_is_packed, real_tokens, segment_ids
 from lightning_tokens.modeling import ModelSpec, decoder_of, load_frozen_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
+from lightning_tokens.sharding import data_parallel_mesh, full_state_dict, shard_modules
 
 
 class BudgetPredictorModule(LightningModule):
@@ -112,6 +113,12 @@ class BudgetPredictorModule(LightningModule):
         self.log("val/window_prob", self.val_window_prob)
 
     # -- optimisation and checkpoints -----------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2), shard the predictor; the frozen LM stays whole on every rank."""
+        mesh = data_parallel_mesh(self)
+        if mesh is not None:
+            shard_modules((self.predictor,), mesh, self.trainer.precision)
+
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.predictor.named_parameters(), self.optim.weight_decay)
         return configure(self.optim, groups, int(self.trainer.estimated_stepping_batches))
@@ -120,5 +127,7 @@ class BudgetPredictorModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
 
     def on_train_end(self) -> None:
-        if self.predictor_path and self.trainer.is_global_zero:
-            self.predictor.save(self.predictor_path)
+        if self.predictor_path:
+            state = full_state_dict(self.predictor)  # every rank takes part when the predictor is sharded
+            if self.trainer.is_global_zero:
+                self.predictor.save(self.predictor_path, state)

@@ -230,11 +230,18 @@ class BudgetPredictor(nn.Module):
         return self.gamma(self.features(states), tokens)
 
     # -- persistence -----------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the config and weights to one file (``torch.save``); the LM is not included."""
+    def save(self, path: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
+        """Write the config and weights to one file (``torch.save``); the LM is not included.
+
+        Args:
+            path: The file.
+            state_dict: The weights to write. Default ``None``: ``self.state_dict()`` (for a sharded predictor,
+                pass the gathered :func:`~lightning_tokens.sharding.full_state_dict`).
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": asdict(self.config), "state_dict": self.state_dict()}, path)
+        torch.save({"config": asdict(self.config), "state_dict": self.state_dict() if state_dict is None else state_dict},
+                   path)
         return path
 
     @classmethod

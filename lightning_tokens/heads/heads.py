@@ -279,13 +279,20 @@ class MultiTokenHeads(nn.Module):
         return [self.project(model, k, self.head_states(k, trunk, attention_mask)) for k in range(1, self.num_heads + 1)]
 
     # -- saving ----------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the heads alone to directory ``path``: ``heads.safetensors`` and ``heads_config.json``."""
+    def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, Tensor]] = None) -> Path:
+        """Write the heads alone to directory ``path``: ``heads.safetensors`` and ``heads_config.json``.
+
+        Args:
+            path: The directory.
+            state_dict: The weights to write. Default ``None``: ``self.state_dict()`` (for sharded heads, pass
+                the gathered :func:`~lightning_tokens.sharding.full_state_dict`).
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        state = self.state_dict() if state_dict is None else state_dict
+        tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
         for name, content in ((WEIGHTS_NAME, None), (CONFIG_NAME, json.dumps(self.config, indent=2))):
             fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
             os.close(fd)

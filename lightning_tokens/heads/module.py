@@ -7,7 +7,6 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
 from lightning_tokens.data.packing import batch_is_packed, model_inputs, real_tokens, segment_ids
@@ -15,6 +14,7 @@ from lightning_tokens.heads.heads import Architecture, MultiTokenHeads, capture_
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
+from lightning_tokens.sharding import data_parallel_mesh, full_state_dict, shard_modules
 
 
 def stage1_optimizer() -> OptimizerConfig:
@@ -114,6 +114,17 @@ class MultiTokenHeadsModule(LightningModule):
             self.log(f"val/head{k}_acc", self.val_acc[k - 1], prog_bar=k == 1)
             self.log(f"val/head{k}_loss", self.val_head_loss[k - 1])
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2), shard each head block as a unit of its own; the frozen base
+        stays whole on every rank. Heads with separate unembeddings cannot be sharded (one error says so)."""
+        mesh = data_parallel_mesh(self)
+        if mesh is None:
+            return
+        if self.heads.separate_unembedding:
+            raise ValueError("MultiTokenHeadsModule: heads with separate unembeddings cannot be sharded by "
+                             "ModelParallelStrategy (FSDP2) yet; use separate_unembedding=False or strategy='ddp'")
+        shard_modules(tuple(self.heads.blocks), mesh, self.trainer.precision)
+
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.heads.named_parameters(), self.optim.weight_decay)
         return configure(self.optim, groups, int(self.trainer.estimated_stepping_batches))
@@ -125,7 +136,12 @@ class MultiTokenHeadsModule(LightningModule):
         if self.heads_path is not None:
             self.save_heads(self.heads_path)
 
-    @rank_zero_only
     def save_heads(self, path: str | Path) -> Path:
-        """Write the heads (``heads.safetensors`` + ``heads_config.json``) to directory ``path``."""
-        return self.heads.save(path)
+        """Write the heads (``heads.safetensors`` + ``heads_config.json``) to directory ``path``, from rank 0.
+
+        Sharded heads are gathered first, so under ``ModelParallelStrategy`` every rank calls this (``fit`` does).
+        """
+        state = full_state_dict(self.heads)
+        if self._trainer is None or self._trainer.is_global_zero:
+            self.heads.save(path, state)
+        return Path(path)
