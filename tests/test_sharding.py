@@ -309,3 +309,19 @@ def test_stage1_heads_and_the_budget_predictor_are_written_whole_from_sharded_ru
     predictor = BudgetPredictor.load(sharded["root"] / "budget-predictor" / "predictor.pt")
     for name, value in predictor.state_dict().items():
         assert torch.equal(value, sharded["budget-predictor"][0]["weights"][name]), name
+
+
+def test_quiet_star_under_model_parallel_strategy_says_it_cannot_be_sharded():
+    from lightning_tokens import QuietSTaRModule
+    from lightning_tokens.modeling import ModelSpec
+
+    class Mesh:  # what ModelParallelStrategy hands the module: a mesh with a data-parallel dimension
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def __getitem__(self, name):
+            return self
+
+    module = QuietSTaRModule(ModelSpec(config=TINY), thought_length=2, n_ahead_talk=2)
+    module._device_mesh = Mesh()
+    with pytest.raises(ValueError, match="QuietSTaRModule cannot be sharded by ModelParallelStrategy"):
+        module.configure_model()

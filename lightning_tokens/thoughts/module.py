@@ -17,6 +17,7 @@ from lightning_tokens.data.reasoning_task import check_answer
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
 from lightning_tokens.quantization import restore_4bit_quant_states
+from lightning_tokens.sharding import data_parallel_mesh
 from lightning_tokens.thoughts.generate import ThoughtfulOutput, thoughtful_generate
 from lightning_tokens.thoughts.heads import MixingHead, ThoughtEmbeddings
 from lightning_tokens.thoughts.loss import QuietSTaRLoss, next_token_targets, quiet_star_loss
@@ -221,6 +222,13 @@ class QuietSTaRModule(LightningModule):
                                    **options)
 
     # -- optimisation and export -----------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): one clear error. The thought passes call the model's pieces one
+        by one, outside its own forward, which FSDP2's single-root scheme does not cover yet."""
+        if data_parallel_mesh(self) is not None:
+            raise ValueError("QuietSTaRModule cannot be sharded by ModelParallelStrategy (FSDP2) yet; train it with "
+                             "strategy='ddp' (LoRA or QLoRA keeps a 7B model on one GPU)")
+
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
         return configure(self.optim, groups, int(self.trainer.estimated_stepping_batches))
