@@ -88,7 +88,8 @@ SCRIPT = textwrap.dedent('''
         trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=steps, logger=False, callbacks=callbacks,
                              strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                              enable_checkpointing=checkpointing, enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                             precision=options.get("precision", "32-true"))
         trainer.fit(module, datamodule=data, ckpt_path=options.get("ckpt_path"))
         weights = full_state_dict(trained)
         if options.get("export"):
@@ -207,7 +208,8 @@ def sharded(tmp_path_factory) -> dict[str, list[dict]]:
     runs = {name: (STEPS, options) for name, options in CASES.items()}
     runs.update({"straight": (4, resumable), "first": (2, {**resumable, "checkpoint_dir": checkpoints}),
                  "resumed": (4, {**resumable, "ckpt_path": checkpoints + "/last.ckpt"}),
-                 "export": (1, dict(config=TINY, export=True))})
+                 "export": (1, dict(config=TINY, export=True)),
+                 "bf16-mixed": (STEPS, dict(config=TINY, precision="bf16-mixed"))})
     results = sharded_runs(root, runs)
     results["root"] = root
     return results
@@ -325,3 +327,17 @@ def test_quiet_star_under_model_parallel_strategy_says_it_cannot_be_sharded():
     module._device_mesh = Mesh()
     with pytest.raises(ValueError, match="QuietSTaRModule cannot be sharded by ModelParallelStrategy"):
         module.configure_model()
+
+
+def test_bf16_mixed_precision_computes_in_bf16_and_keeps_float32_weights(sharded):
+    """The Trainer's precision becomes FSDP2's mixed precision policy: the losses are those of the float32 run to
+    bf16's precision, not equal to them, and the gathered weights stay float32."""
+    from lightning_tokens.sharding import mixed_precision
+
+    policy = mixed_precision("bf16-mixed")
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    assert mixed_precision("32-true") is None
+    bf16, fp32 = sharded["bf16-mixed"], sharded["full"]
+    differences = [abs(float(bf16[r]["seen"][s]["loss"] - fp32[r]["seen"][s]["loss"])) for r in (0, 1) for s in range(STEPS)]
+    assert 0 < max(differences) < 0.05
+    assert all(value.dtype == torch.float32 for value in bf16[0]["weights"].values() if value.is_floating_point())
