@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from lightning_tokens.data.packing import (PackingError, batch_is_packed, flash_attention_kwargs, is_packed,
-                                           real_tokens, segment_ids)
+                                           real_tokens, restarts_between_real_tokens, segment_ids)
 from lightning_tokens.lean_loss import (DEFAULT_CHUNK, IGNORE_INDEX, HeadInputCapture, OutputProjection,
                                         UnsupportedLogits, chunked_cross_entropy, is_checked, shifted_targets,
                                         token_cross_entropy)
@@ -337,19 +337,19 @@ class TokenLossDispatcher:
 
         Raises :class:`PackingError` where transformers would let a packed row's samples attend to each other.
         """
-        position_ids = kwargs.get("position_ids")
-        if not is_packed(position_ids):
+        position_ids, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and position_ids is not None and position_ids.shape == mask.shape:
+            if restarts_between_real_tokens(position_ids, mask):
+                raise PackingError(
+                    "the model was called with packed position_ids (several samples per row) and a 2D attention_mask: "
+                    "transformers then ignores the sample boundaries; pass position_ids without attention_mask")
+        if mask is not None or not is_packed(position_ids):
             if self.expect_packed:
                 raise PackingError(
                     "this training batch is packed (several samples per row) but the model was called without its "
                     "position_ids, so every token would attend to the earlier samples of its row: call the model "
                     "with the batch's position_ids and no attention_mask, e.g. model(**batch)")
             return None
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2:
-            raise PackingError(
-                "the model was called with packed position_ids (several samples per row) and a 2D attention_mask: "
-                "transformers then ignores the sample boundaries; pass position_ids without attention_mask")
         kwargs["use_cache"] = False  # a cache also turns transformers' packed-sequence detection off
         implementation = str(getattr(getattr(self.model, "config", None), "_attn_implementation", "") or "")
         if "flash" in implementation and kwargs.get("cu_seq_lens_q") is None:

@@ -155,6 +155,13 @@ def test_dispatcher_refuses_packed_rows_with_a_2d_mask_and_packed_batches_withou
         with pytest.raises(PackingError, match="without its position_ids"):
             model(input_ids=batch["input_ids"], labels=batch["labels"])
         assert torch.isfinite(model(**batch).loss)
+        dispatcher.expect_packed = False
+        # a left-padded batch with position ids of its own (generate's recipe) is no packed batch
+        ids, mask = torch.tensor([[0, 0, 5, 6, 7], [4, 5, 6, 7, 8]]), torch.tensor([[0, 0, 1, 1, 1], [1] * 5])
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+        assert torch.isfinite(loss)
     finally:
         dispatcher.expect_packed = False
         dispatcher.remove(handler)

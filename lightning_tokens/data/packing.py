@@ -154,6 +154,17 @@ def is_packed(position_ids: Optional[Tensor]) -> bool:
     return bool((segment_ids(position_ids)[:, -1] > 0).any())
 
 
+def restarts_between_real_tokens(position_ids: Tensor, attention_mask: Tensor) -> bool:
+    """Whether positions restart between two real tokens of a row: samples packed into a row that also has a 2D
+    mask. Left or right padding with position ids of its own (``cumsum(mask) - 1``, padding filled with 1) does
+    not count: its breaks all touch padding."""
+    if position_ids.dim() != 2 or position_ids.shape[1] < 2:
+        return False
+    real = attention_mask.bool()
+    step = position_ids[:, 1:] - position_ids[:, :-1]
+    return bool(((step != 1) & real[:, 1:] & real[:, :-1]).any())
+
+
 def real_tokens(segments: Tensor) -> Tensor:
     """``(B, T)`` bool: tokens of samples of two or more tokens; the lone tokens are padding."""
     starts = torch.ones_like(segments, dtype=torch.bool)
