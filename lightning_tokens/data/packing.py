@@ -71,8 +71,9 @@ class PackedRows(Dataset):
 
     def __init__(self, dataset: Sequence[Any], max_length: int) -> None:
         self.dataset, self.max_length = dataset, max_length
-        self.rows = pack_lengths([len(_encoded(dataset[i]).input_ids) for i in range(len(dataset))], max_length)
-        self.tokens = sum(len(_encoded(dataset[i]).input_ids) for i in range(len(dataset)))
+        lengths = [len(_encoded(dataset[i]).input_ids) for i in range(len(dataset))]
+        self.rows = pack_lengths(lengths, max_length)
+        self.tokens = sum(lengths)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -165,10 +166,16 @@ def restarts_between_real_tokens(position_ids: Tensor, attention_mask: Tensor) -
     return bool(((step != 1) & real[:, 1:] & real[:, :-1]).any())
 
 
-def real_tokens(segments: Tensor) -> Tensor:
-    """``(B, T)`` bool: tokens of samples of two or more tokens; the lone tokens are padding."""
+def sample_starts(segments: Tensor) -> Tensor:
+    """``(B, T)`` bool: the first token of every sample (of :func:`segment_ids`)."""
     starts = torch.ones_like(segments, dtype=torch.bool)
     starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return starts
+
+
+def real_tokens(segments: Tensor) -> Tensor:
+    """``(B, T)`` bool: tokens of samples of two or more tokens; the lone tokens are padding."""
+    starts = sample_starts(segments)
     ends = torch.ones_like(starts)
     ends[:, :-1] = starts[:, 1:]
     return ~(starts & ends)
@@ -215,10 +222,7 @@ def flash_attention_kwargs(position_ids: Tensor) -> dict[str, Any]:
     """``cu_seq_lens_q/k`` (int32 start offsets of every sample in the flattened batch, then its size) and
     ``max_length_q/k`` (the longest sample), which transformers' flash attention uses for variable-length
     attention over a ``(B, T)`` packed batch."""
-    segments = segment_ids(position_ids)
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    offsets = starts.reshape(-1).nonzero().view(-1)
+    offsets = sample_starts(segment_ids(position_ids)).reshape(-1).nonzero().view(-1)
     cu = torch.cat([offsets, torch.tensor([position_ids.numel()], device=offsets.device)]).to(torch.int32)
     longest = int(cu.diff().max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
