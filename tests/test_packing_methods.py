@@ -242,7 +242,7 @@ def quiet_star_module(model_type: str, lora: bool):
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 
 
-@pytest.mark.parametrize("train_on", ["text", "labels"])
+@pytest.mark.parametrize("train_on", ["all", "labels"])
 @pytest.mark.parametrize("model_type,lora", [("llama", False), ("gpt2", False), ("qwen2", True)])
 def test_quiet_star_thinks_about_each_packed_sample_alone(model_type, lora, train_on):
     """Greedy thoughts (temperature 0) make the passes deterministic: every term and gradient then matches."""
