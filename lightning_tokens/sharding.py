@@ -76,27 +76,18 @@ def shard_causal_lm(model: nn.Module, mesh: Any, precision: Any = None,
     Raises:
         ValueError: The model holds bitsandbytes-quantized weights.
     """
-    from torch.distributed.fsdp import fully_shard
-
     if is_sharded(model):
         return
     if is_quantized(model):
         raise ValueError("ModelParallelStrategy (FSDP2) cannot shard bitsandbytes 4-bit or 8-bit weights; train a "
                          "quantized model with one device per process (strategy 'ddp') instead")
-    options: dict[str, Any] = {"mesh": mesh}
-    policy = mixed_precision(precision)
-    if policy is not None:
-        options["mp_policy"] = policy
-    for layer in decoder_layers(model):
-        fully_shard(layer, **options)
-    for module in extra:
-        fully_shard(module, **options)
-    fully_shard(model, **options)
+    shard_modules((*decoder_layers(model), *extra, model), mesh, precision)
 
 
 def shard_modules(modules: tuple[nn.Module, ...], mesh: Any, precision: Any = None) -> None:
-    """Shard each of ``modules`` (trainable heads or predictors beside a frozen, replicated model) as a unit of its
-    own; already sharded ones are left alone. Each must be called as a module (its hooks gather and reduce it)."""
+    """Shard each of ``modules``, in order, as a unit of its own (a model's layers, or trainable heads and predictors
+    beside a frozen, replicated model); already sharded ones are left alone. Each must be called as a module (its
+    hooks gather and reduce it)."""
     from torch.distributed.fsdp import fully_shard
 
     policy = mixed_precision(precision)

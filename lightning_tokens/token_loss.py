@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from lightning_tokens.data.packing import (PackingError, batch_is_packed, flash_attention_kwargs, is_packed,
-                                           real_tokens, restarts_between_real_tokens, segment_ids)
+                                           real_tokens, restarts_between_real_tokens, runs_flash_attention,
+                                           segment_ids)
 from lightning_tokens.lean_loss import (DEFAULT_CHUNK, IGNORE_INDEX, HeadInputCapture, OutputProjection,
                                         UnsupportedLogits, chunked_cross_entropy, is_checked, shifted_targets,
                                         token_cross_entropy)
@@ -351,8 +352,7 @@ class TokenLossDispatcher:
                     "with the batch's position_ids and no attention_mask, e.g. model(**batch)")
             return None
         kwargs["use_cache"] = False  # a cache also turns transformers' packed-sequence detection off
-        implementation = str(getattr(getattr(self.model, "config", None), "_attn_implementation", "") or "")
-        if "flash" in implementation and kwargs.get("cu_seq_lens_q") is None:
+        if runs_flash_attention(self.model) and kwargs.get("cu_seq_lens_q") is None:
             # flash attention finds packed rows from position ids only in a batch of one row
             kwargs.update(flash_attention_kwargs(position_ids))
         return segment_ids(position_ids)

@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 from lightning_tokens.budget.capture import HiddenStateCapture
 from lightning_tokens.budget.gamma import decoded_mode, encode_length, gamma_cdf, gamma_nll
 from lightning_tokens.budget.predictor import BudgetPredictor
-from lightning_tokens.data.packing import FLASH_KEYS, batch_is_packed, real_tokens, segment_ids
+from lightning_tokens.data.packing import FLASH_KEYS, batch_samples
 from lightning_tokens.modeling import ModelSpec, decoder_of, load_frozen_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
 from lightning_tokens.sharding import data_parallel_mesh, full_state_dict, shard_modules
@@ -73,12 +73,10 @@ class BudgetPredictorModule(LightningModule):
     def step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per supervised position: NLL, shape, rate and true ``L`` (realised next tokens as candidates)."""
         remaining = batch["remaining"]
-        if batch_is_packed(batch):  # several traces per row: a position's next token must be of its own trace
-            segments = segment_ids(batch["position_ids"])
-            select = (remaining > 0) & real_tokens(segments)
+        real, segments = batch_samples(batch)
+        select = (remaining > 0) & real
+        if segments is not None:  # several traces per row: a position's next token must be of its own trace
             select[:, :-1] &= segments[:, 1:] == segments[:, :-1]
-        else:
-            select = (remaining > 0) & batch["attention_mask"].bool()
         select[:, -1] = False  # the last position has no next token in the batch
         flash = {key: batch[key] for key in FLASH_KEYS if key in batch}
         states = self.hidden_states(batch["input_ids"], batch.get("attention_mask"), select, batch.get("position_ids"),

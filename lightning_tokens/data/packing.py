@@ -194,6 +194,11 @@ def model_inputs(batch: dict[str, Any], labels: bool = True) -> dict[str, Any]:
     return {key: batch[key] for key in MODEL_KEYS if key in batch and (labels or key != "labels")}
 
 
+def runs_flash_attention(model: Any) -> bool:
+    """Whether a transformers model's attention implementation is a flash attention one."""
+    return "flash" in str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+
+
 def uses_flash_attention(trainer: Any) -> bool:
     """Whether the causal LM ``trainer`` trains runs flash attention (its packed batches then carry
     :func:`flash_attention_kwargs`); ``False`` without a trainer or a model to look at."""
@@ -203,10 +208,18 @@ def uses_flash_attention(trainer: Any) -> bool:
     from lightning_tokens.token_loss import find_causal_lm
 
     try:
-        config = find_causal_lm(module).config
+        return runs_flash_attention(find_causal_lm(module))
     except ValueError:
         return False
-    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
+
+
+def batch_samples(batch: dict[str, Any]) -> tuple[Tensor, Optional[Tensor]]:
+    """``(real, segments)`` of a training batch: the ``(B, T)`` mask of real tokens, and for a packed batch the
+    sample number of each token (:func:`segment_ids`), ``None`` for a padded one."""
+    if batch_is_packed(batch):
+        segments = segment_ids(batch["position_ids"])
+        return real_tokens(segments), segments
+    return batch["attention_mask"].bool(), None
 
 
 def real_token_count(batch: dict[str, Any]) -> Tensor:

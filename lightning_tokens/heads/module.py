@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
-from lightning_tokens.data.packing import batch_is_packed, model_inputs, real_tokens, segment_ids
+from lightning_tokens.data.packing import batch_samples, model_inputs
 from lightning_tokens.heads.heads import Architecture, MultiTokenHeads, capture_trunk
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
@@ -88,9 +88,8 @@ class MultiTokenHeadsModule(LightningModule):
             base.base_model(**{**model_inputs(batch, labels=False), "use_cache": False})
         trunk = holder["trunk"].detach()
         # A packed batch (SFTDataModule(packing=True)) has no attention mask: its samples are told by position ids.
-        segments = segment_ids(batch["position_ids"]) if batch_is_packed(batch) else None
-        mask = batch["attention_mask"] if segments is None else real_tokens(segments)
-        return head_losses(self.heads, base, trunk, batch["labels"], mask, self.chunk_size, segments)
+        real, segments = batch_samples(batch)
+        return head_losses(self.heads, base, trunk, batch["labels"], real, self.chunk_size, segments)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch)

@@ -149,7 +149,7 @@ def samples_of(datamodule: Any) -> Optional[list[tuple[list[int], list[int]]]]:
 @torch.no_grad()
 def score_dataloader(model: torch.nn.Module, batches: Iterable[dict], device: torch.device) -> LossTable:
     """History losses of every sample in ``batches`` under ``model`` (eval mode, adapters disabled)."""
-    from lightning_tokens.data.packing import batch_is_packed, model_inputs, real_tokens, segment_ids
+    from lightning_tokens.data.packing import batch_samples, model_inputs
     from lightning_tokens.modeling import causal_lm_of
     from lightning_tokens.selection.history import TokenNll, eval_mode
 
@@ -163,8 +163,7 @@ def score_dataloader(model: torch.nn.Module, batches: Iterable[dict], device: to
         inputs = {key: value.to(device) if isinstance(value, Tensor) else value
                   for key, value in model_inputs(batch, labels=False).items()}
         ids, labels = inputs["input_ids"], batch["labels"].to(device)
-        segments = segment_ids(inputs["position_ids"]) if batch_is_packed(batch) else None
-        mask = inputs["attention_mask"] if segments is None else real_tokens(segments)
+        mask, segments = (tensor.to(device) if tensor is not None else None for tensor in batch_samples(batch))
         with (disable() if disable is not None else contextlib.nullcontext()), eval_mode(lm):
             loss = nll(lm, inputs, labels).cpu()
         targets = (labels[:, 1:] != -100).cpu()
