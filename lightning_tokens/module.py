@@ -16,7 +16,7 @@ from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, extract
 from lightning_tokens.modeling import ModelSpec, base_reference, is_quantized, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups, remember_total_steps, total_training_steps
 from lightning_tokens.quantization import restore_4bit_quant_states
-from lightning_tokens.sharding import data_parallel_mesh, is_sharded, shard_causal_lm
+from lightning_tokens.sharding import data_parallel_mesh, full_state_dict, is_sharded, shard_causal_lm
 from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, PlainLoss, TokenLossDispatcher
 
 
@@ -234,6 +234,9 @@ class CausalLMModule(LightningModule):
         and the adapters name that directory's absolute path. After moving the export, load that base
         yourself: ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(new / "base"), new)``.
 
+        A model sharded by FSDP2 is gathered first, so every rank must call this (``fit`` callbacks do); rank 0
+        writes. A sharded LoRA model is written from an unsharded twin on rank 0's CPU holding the gathered weights.
+
         Args:
             path: Output directory.
             merge_lora: Merge LoRA adapters into the base weights and write a plain model; otherwise a
@@ -241,9 +244,12 @@ class CausalLMModule(LightningModule):
                 exactly: load the base unquantized, load the adapters, then merge.
         """
         path = Path(path)
-        model = self.model
-        if is_sharded(model):
+        if is_sharded(self.model):
             return self._export_sharded(path, merge_lora)
+        self._write(self.model, path, merge_lora)
+        return path
+
+    def _write(self, model: Any, path: Path, merge_lora: bool) -> None:
         if merge_lora and hasattr(model, "merge_and_unload"):
             if is_quantized(model):
                 raise ValueError("export(merge_lora=True): the base weights are quantized; merging into 4/8-bit "
@@ -254,22 +260,21 @@ class CausalLMModule(LightningModule):
         else:
             model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        return path
-
 
     def _export_sharded(self, path: Path, merge_lora: bool) -> Path:
         """:meth:`export` of a model sharded by FSDP2: every rank gathers the full weights, rank 0 writes them."""
         import torch.distributed as dist
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        if hasattr(self.model, "peft_config"):
-            raise ValueError("export() of a LoRA model sharded by ModelParallelStrategy is not supported yet: save a "
-                             "checkpoint, load it in one process with the same config, and export there")
-        del merge_lora  # a full model has nothing to merge
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = full_state_dict(self.model)
         if dist.get_rank() == 0:
-            self.model.save_pretrained(path, state_dict=state)
-            self.tokenizer.save_pretrained(path)
+            if hasattr(self.model, "peft_config"):
+                with torch.random.fork_rng():  # building the twin draws adapter initialisations
+                    twin, _ = load_causal_lm(self.spec)
+                twin.load_state_dict(state)
+                self._write(twin, path, merge_lora)
+            else:  # a full model has nothing to merge, and writes its gathered weights directly
+                self.model.save_pretrained(path, state_dict=state)
+                self.tokenizer.save_pretrained(path)
         dist.barrier()
         return path
 

@@ -12,7 +12,8 @@ Quantized (bitsandbytes) weights cannot be sharded by FSDP2: such a model gets o
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -96,6 +97,45 @@ def shard_modules(modules: tuple[nn.Module, ...], mesh: Any, precision: Any = No
             fully_shard(module, mesh=mesh, **({"mp_policy": policy} if policy is not None else {}))
 
 
+@contextlib.contextmanager
+def resharded(model: nn.Module) -> Iterator[None]:
+    """Within: every FSDP2 unit of ``model`` holds its shard only, so what is written into the local shards is what
+    the next forward gathers. On exit the units are resharded again and the root (which FSDP2 keeps gathered from
+    the forward to the backward) is gathered again from its shards, into the storage the autograd graph of the
+    training forward refers to, like any unit FSDP2 regathers for the backward."""
+    units = [module for module in model.modules() if is_sharded(module)]
+    for unit in units:
+        unit.reshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        if is_sharded(model):
+            model.unshard()
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this rank holds: its local shard for a DTensor (a view), the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole on the CPU: gathered from every rank for a DTensor (then every rank must call it)."""
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().cpu()
+
+
+def like_shards_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``param``: split like a DTensor ``param`` (this rank keeps its own shard; every rank must
+    call it), as is otherwise; in ``param``'s dtype and on its device."""
+    full = full.to(dtype=param.dtype)
+    if not hasattr(param, "device_mesh"):
+        return full.to(param.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+
+
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """``module``'s state dict on the CPU, gathered in full when FSDP2 shards it (then every rank must call it)."""
     if not any(is_sharded(m) for m in module.modules()):
@@ -105,5 +145,5 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-__all__ = ["data_parallel_mesh", "full_state_dict", "is_sharded", "mixed_precision", "shard_causal_lm",
-           "shard_modules", "shards_with_fsdp2"]
+__all__ = ["data_parallel_mesh", "full_state_dict", "full_tensor", "is_sharded", "like_shards_of", "local_shard",
+           "mixed_precision", "resharded", "shard_causal_lm", "shard_modules", "shards_with_fsdp2"]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -41,8 +42,9 @@ SCRIPT = textwrap.dedent('''
             self.seen = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            metrics = {k: float(v) for c in trainer.callbacks for k, v in getattr(c, "metrics", {}).items()}
             self.seen.append({"batch": {k: v.cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)},
-                              "loss": outputs["loss"].detach().cpu()})
+                              "loss": outputs["loss"].detach().cpu(), "metrics": metrics})
 
 
     def build(out, options):
@@ -75,7 +77,7 @@ SCRIPT = textwrap.dedent('''
         if options.get("callback") == "selection":
             from lightning_tokens import TokenSelection
 
-            callbacks.append(TokenSelection(warmup=0, ratio=0.5))
+            callbacks.append(TokenSelection(warmup=0, ratio=0.5, **options.get("selection", {})))
         elif options.get("callback") == "caft":
             from lightning_tokens import ConceptAwareFineTuning
 
@@ -92,11 +94,12 @@ SCRIPT = textwrap.dedent('''
                              precision=options.get("precision", "32-true"))
         trainer.fit(module, datamodule=data, ckpt_path=options.get("ckpt_path"))
         weights = full_state_dict(trained)
-        if options.get("export"):
-            module.export(out + "/export")
+        history = callbacks[1].source.state_dict() if options.get("callback") == "selection" else None
+        if options.get("export") is not None:
+            module.export(out + "/export", **options["export"])
         Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save({"seen": record.seen, "weights": weights if trainer.global_rank == 0 else None},
-                   f"{out}/rank{trainer.global_rank}.pt")
+        torch.save({"seen": record.seen, "weights": weights if trainer.global_rank == 0 else None,
+                    "history": history}, f"{out}/rank{trainer.global_rank}.pt")
 
 
     # One launch of two processes runs every requested run in turn: (folder, steps, options).
@@ -122,8 +125,9 @@ def sharded_runs(tmp_path: Path, runs: dict[str, tuple[int, dict]]) -> dict[str,
             for name in runs}
 
 
-def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict]:
-    """One process trains on the ranks' batches, step by step, on the mean of their losses."""
+def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict, Optional[dict]]:
+    """One process trains on the ranks' batches, step by step, on the mean of their losses: the losses, the final
+    weights and TokenSelection's history state (or ``None``)."""
     from lightning_tokens import CausalLMModule
     from lightning_tokens.data.packing import model_inputs
     from lightning_tokens.modeling import ModelSpec
@@ -134,14 +138,14 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
     optimizer_config = OptimizerConfig(lr=1e-2, warmup=0, schedule="constant")
     spec = ModelSpec(config=options["config"], lora=options.get("lora"))
     if options.get("module") in ("heads", "budget"):
-        return replay_frozen_base(ranks, spec, optimizer_config, options["module"])
+        return (*replay_frozen_base(ranks, spec, optimizer_config, options["module"]), None)
     module = CausalLMModule(model=spec, optimizer=optimizer_config, max_new_tokens=0)
     model = module.model.train()
     TokenLossDispatcher.for_model(model).add(PlainLoss())
     if options.get("callback") == "selection":
         from lightning_tokens import TokenSelection
 
-        selection = TokenSelection(warmup=0, ratio=0.5)
+        selection = TokenSelection(warmup=0, ratio=0.5, **options.get("selection", {}))
         selection.attach(model, module)
     elif options.get("callback") == "caft":
         from lightning_tokens import ConceptAwareFineTuning
@@ -157,14 +161,20 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
         (sum(step_losses) / len(step_losses)).backward()
         optimizer.step()
         optimizer.zero_grad()
+        if options.get("callback") == "selection":
+            selection.source.after_optimizer_step(model)
         losses.append([loss.detach() for loss in step_losses])
-    return losses, {name: value.detach() for name, value in model.state_dict().items()}
+    history = selection.source.state_dict() if options.get("callback") == "selection" else None
+    return losses, {name: value.detach() for name, value in model.state_dict().items()}, history
 
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+EMA = {"history": "ema", "ema_decay": 0.5}  # a fast average, so that three steps move it
 CASES = {"full": dict(config=TINY), "packed": dict(config=TINY, packing=True),
          "selection": dict(config=TINY, callback="selection"),
          "selection-lora": dict(config=TINY, callback="selection", lora=LORA), "caft": dict(config=TINY, callback="caft"),
+         "selection-ema": dict(config=TINY, callback="selection", selection=EMA),
+         "selection-ema-lora": dict(config=TINY, callback="selection", selection=EMA, lora=LORA),
          "stage1-heads": dict(config=TINY, module="heads"), "budget-predictor": dict(config=TINY, module="budget")}
 
 
@@ -204,11 +214,13 @@ def sharded(tmp_path_factory) -> dict[str, list[dict]]:
     of 4 steps with its checkpoints, its resumption, and an export."""
     root = tmp_path_factory.mktemp("sharded")
     checkpoints = str(root / "checkpoints")
-    resumable = dict(config=TINY, callback="selection")
+    resumable = dict(config=TINY, callback="selection", selection=EMA)  # the EMA is state a resume must restore
     runs = {name: (STEPS, options) for name, options in CASES.items()}
     runs.update({"straight": (4, resumable), "first": (2, {**resumable, "checkpoint_dir": checkpoints}),
                  "resumed": (4, {**resumable, "ckpt_path": checkpoints + "/last.ckpt"}),
-                 "export": (1, dict(config=TINY, export=True)),
+                 "export": (1, dict(config=TINY, export={})),
+                 "export-lora": (1, dict(config=TINY, lora=LORA, export={})),
+                 "export-merged": (1, dict(config=TINY, lora=LORA, export={"merge_lora": True})),
                  "bf16-mixed": (STEPS, dict(config=TINY, precision="bf16-mixed"))})
     results = sharded_runs(root, runs)
     results["root"] = root
@@ -219,7 +231,7 @@ def sharded(tmp_path_factory) -> dict[str, list[dict]]:
 def test_sharded_sft_matches_one_process_on_the_same_batches(sharded, case):
     options = CASES[case]
     ranks = sharded[case]
-    losses, weights = replay(ranks, **options)
+    losses, weights, history = replay(ranks, **options)
     assert not torch.equal(ranks[0]["seen"][0]["batch"]["input_ids"][:1], ranks[1]["seen"][0]["batch"]["input_ids"][:1])
     for step in range(STEPS):
         for rank in (0, 1):
@@ -228,6 +240,12 @@ def test_sharded_sft_matches_one_process_on_the_same_batches(sharded, case):
     assert sharded_weights.keys() == weights.keys() and weights
     for name, value in weights.items():
         torch.testing.assert_close(sharded_weights[name], value, rtol=0, atol=1e-5, msg=name)
+    if options.get("selection", {}).get("history") == "ema":  # each rank gathers the whole average
+        for rank in (0, 1):
+            assert ranks[rank]["history"]["updates"] == history["updates"] == STEPS
+            for got, expected in zip(ranks[rank]["history"]["shadow"], history["shadow"], strict=True):
+                assert got.shape == expected.shape
+                torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 def test_a_sharded_run_resumes_exactly_mid_epoch(sharded):
@@ -243,6 +261,11 @@ def test_a_sharded_run_resumes_exactly_mid_epoch(sharded):
             torch.testing.assert_close(got["loss"], expected["loss"], rtol=0, atol=1e-6)
     for name, value in straight[0]["weights"].items():
         torch.testing.assert_close(resumed[0]["weights"][name], value, rtol=0, atol=1e-6, msg=name)
+    for rank in (0, 1):  # the EMA history came back from the checkpoint, each rank's own shards
+        history, resumed_history = straight[rank]["history"], resumed[rank]["history"]
+        assert resumed_history["updates"] == history["updates"] == 4
+        for got, expected in zip(resumed_history["shadow"], history["shadow"], strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 def test_a_sharded_model_exports_full_weights_that_plain_transformers_loads(sharded):
@@ -252,6 +275,36 @@ def test_a_sharded_model_exports_full_weights_that_plain_transformers_loads(shar
     state = loaded.state_dict()
     for name, value in sharded["export"][0]["weights"].items():
         assert torch.equal(state[name], value), name
+
+
+def test_a_sharded_lora_model_exports_its_adapters_and_merges_them(sharded):
+    """A sharded LoRA model exports adapters PEFT loads onto the written base, and with ``merge_lora`` the plain
+    model whose weights are ``W + (alpha / r) B A`` of the gathered ones."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapters = sharded["root"] / "export-lora" / "export"
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapters / "base"), adapters).state_dict()
+    trained = sharded["export-lora"][0]["weights"]
+    assert any("lora_B" in name for name in trained)
+    for name, value in trained.items():
+        assert torch.equal(loaded[name], value), name
+
+    merged = AutoModelForCausalLM.from_pretrained(sharded["root"] / "export-merged" / "export").state_dict()
+    trained = sharded["export-merged"][0]["weights"]
+    assert any(value.abs().sum() > 0 for name, value in trained.items() if "lora_B" in name)  # a step moved B
+    scale = LORA["lora_alpha"] / LORA["r"]
+    checked = 0
+    for name, value in merged.items():
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        if prefix + ".lora_A.default.weight" in trained:
+            down, up = trained[prefix + ".lora_A.default.weight"], trained[prefix + ".lora_B.default.weight"]
+            expected = trained[prefix + ".base_layer.weight"] + scale * up @ down
+            checked += 1
+        else:
+            expected = trained["base_model.model." + name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=name)
+    assert checked >= 2 * TINY["num_hidden_layers"]
 
 
 # -- what cannot be sharded says so at once -------------------------------------------------------------------
@@ -267,7 +320,7 @@ def fake_trainer():
 def test_combinations_fsdp2_cannot_shard_fail_at_setup(tmp_path):
     import lightning.pytorch as pl
 
-    from lightning_tokens import ConceptAwareFineTuning, TokenSelection
+    from lightning_tokens import ConceptAwareFineTuning
     from lightning_tokens.heads import MultiTokenHeads
     from lightning_tokens.modeling import ModelSpec, load_causal_lm
     from lightning_tokens.sharding import shard_causal_lm
@@ -275,8 +328,6 @@ def test_combinations_fsdp2_cannot_shard_fail_at_setup(tmp_path):
     model, _ = load_causal_lm(ModelSpec(config=TINY))
     holder = pl.LightningModule()
     holder.net = model
-    with pytest.raises(ValueError, match=r"history='ema'\) cannot average weights that ModelParallelStrategy"):
-        TokenSelection(history="ema").setup(fake_trainer(), holder, "fit")
     MultiTokenHeads(model, num_heads=2, separate_unembedding=True).save(tmp_path / "heads")
     with pytest.raises(ValueError, match="separate unembeddings cannot be sharded"):
         ConceptAwareFineTuning(heads_path=str(tmp_path / "heads")).setup(fake_trainer(), holder, "fit")

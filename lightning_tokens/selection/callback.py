@@ -136,6 +136,7 @@ class TokenSelection(TokenLossCallback):
         self.metrics: dict[str, float] = {}
         self._pending_state: Optional[dict] = None
         self._restored = False
+        self._sharded = False  # training under FSDP2, which shards the model after setup
 
     # -- which signals a mode needs ----------------------------------------------------------------------
     @property
@@ -198,7 +199,7 @@ class TokenSelection(TokenLossCallback):
         if self.history == "precomputed":
             return Precomputed(self.history_file)
         if self.history == "ema":
-            return EmaWeights(self.ema_decay)
+            return EmaWeights(self.ema_decay, defer=self._sharded)  # sharded weights exist from on_train_start
         from peft import PeftModel
 
         if any(isinstance(m, PeftModel) for m in owner.modules()):
@@ -218,9 +219,7 @@ class TokenSelection(TokenLossCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.needs_history and self.history == "ema" and self.mode != "rho1" and shards_with_fsdp2(trainer):
-            raise ValueError("TokenSelection(history='ema') cannot average weights that ModelParallelStrategy (FSDP2) "
-                             "shards; use history='base' or 'precomputed', or strategy='ddp'")
+        self._sharded = shards_with_fsdp2(trainer)
         self.rank = trainer.global_rank
         self.attach(find_causal_lm(pl_module, self.model_attribute), pl_module, trainer.strategy.root_device,
                     trainer.datamodule)
@@ -238,6 +237,8 @@ class TokenSelection(TokenLossCallback):
             total = trainer.estimated_stepping_batches
             self.warmup_steps = round(self.warmup * total) if math.isfinite(total) else 0
         self.global_step = trainer.global_step
+        if self.source is not None:
+            self.source.on_train_start()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)

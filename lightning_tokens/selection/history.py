@@ -24,6 +24,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_frozen_causal_lm
 from lightning_tokens.quantization import bnb_config, from_pretrained_quantized
 from lightning_tokens.lean_loss import DEFAULT_CHUNK, lean_token_loss
+from lightning_tokens.sharding import full_tensor, is_sharded, like_shards_of, local_shard, resharded
 from lightning_tokens.token_loss import TokenLossContext, per_token_loss
 
 #: Keyword arguments of a causal LM call that a history forward passes on (labels never).
@@ -82,6 +83,9 @@ class HistorySource:
 
     def token_loss(self, ctx: TokenLossContext) -> Tensor:
         raise NotImplementedError
+
+    def on_train_start(self) -> None:
+        """Called when training starts, after the model is sharded and any checkpoint restored."""
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Called once after every optimizer step."""
@@ -156,34 +160,75 @@ class EmaWeights(HistorySource):
     For a history forward the averages are swapped into the modules' parameter slots and swapped back after,
     so the training graph's saved tensors are untouched.
 
+    Under FSDP2 (``ModelParallelStrategy``) each rank averages its own shards: the averages are exchanged with
+    the local shards for the history forward (the units gathering them as usual) and exchanged back after, and
+    checkpoints hold the averages whole (gathered when saved, split again when loaded). Parameters that sharding
+    replaces after :meth:`setup` are followed.
+
     Args:
         decay: ``a``. Default ``0.99``.
+        defer: Start the averages at :meth:`on_train_start` (or when a checkpoint is loaded) instead of at
+            :meth:`setup`: for a model sharded between the two, so that no full copy is made. Default ``False``.
     """
 
-    def __init__(self, decay: float = 0.99) -> None:
+    def __init__(self, decay: float = 0.99, defer: bool = False) -> None:
         self.decay = decay
+        self.defer = defer
+        self.model: Optional[nn.Module] = None
         self.params: list[nn.Parameter] = []
         self.shadow: list[Tensor] = []
         self.slots: list[tuple[nn.Module, str, int]] = []
         self.updates = 0
         self.nll = TokenNll()
+        self._update = get_ema_multi_avg_fn(decay)
+        self._collected_sharded = False
 
     def setup(self, model: nn.Module, pl_module: Optional[nn.Module], device: torch.device) -> None:
-        model = causal_lm_of(model)
-        index = {}
-        for param in model.parameters():
-            if param.requires_grad and id(param) not in index:
-                index[id(param)] = len(self.params)
-                self.params.append(param)
-        self.shadow = [p.detach().clone() for p in self.params]
-        # Every (module, name) slot holding a trainable parameter; tied weights appear in several slots.
-        self.slots = [(module, name, index[id(p)]) for module in model.modules()
-                      for name, p in module._parameters.items() if p is not None and id(p) in index]
-        self._update = get_ema_multi_avg_fn(self.decay)
+        self.model = model
+        if not self.defer:
+            self._follow()
+
+    def on_train_start(self) -> None:
+        self._follow()
+
+    def _trainable(self) -> tuple[list[nn.Parameter], list[tuple[nn.Module, str, int]]]:
+        """The trainable parameters, and every ``(module, name, index)`` slot holding one (tied weights have
+        several)."""
+        lm = causal_lm_of(self.model)
+        params = list({id(p): p for p in lm.parameters() if p.requires_grad}.values())
+        index = {id(p): i for i, p in enumerate(params)}
+        slots = [(module, name, index[id(p)]) for module in lm.modules()
+                 for name, p in module._parameters.items() if p is not None and id(p) in index]
+        return params, slots
+
+    def _follow(self) -> None:
+        """Collect the trainable parameters and start the averages from them, once; again once the model is sharded
+        (sharding replaces the parameters, before any step)."""
+        sharded = self.sharded
+        if self.params and sharded == self._collected_sharded:
+            return
+        if sharded:  # after a forward the root holds gathered copies until the backward: collect the shards
+            with resharded(self.model):
+                params, slots = self._trainable()
+            if not all(hasattr(p, "device_mesh") for p in params):
+                raise RuntimeError("EmaWeights: under FSDP2 the averages must start outside a forward; call "
+                                   "on_train_start() before training (TokenSelection does)")
+        else:
+            params, slots = self._trainable()
+        self.params, self.slots, self._collected_sharded = params, slots, sharded
+        self.shadow = [p.detach().clone() for p in params]
+
+    @property
+    def sharded(self) -> bool:
+        return any(is_sharded(module) for module in self.model.modules())
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
         """Within: the modules hold the averaged weights."""
+        if self._collected_sharded:
+            with torch.no_grad(), self._sharded_swap():
+                yield
+            return
         for module, name, i in self.slots:
             module._parameters[name] = self.shadow[i]
         try:
@@ -192,15 +237,49 @@ class EmaWeights(HistorySource):
             for module, name, i in self.slots:
                 module._parameters[name] = self.params[i]
 
+    @contextlib.contextmanager
+    def _sharded_swap(self) -> Iterator[None]:
+        """:meth:`swapped` under FSDP2, called within the training forward. A unit holding its shard only (a decoder
+        layer, resharded after its forward) gathers the averages if they are in its local shards. A unit still
+        gathered (the root, which FSDP2 keeps gathered until the backward) gets the gathered averages in its
+        parameter slots instead; its gathered weights, which the training graph saved, stay untouched."""
+        exchanged = sorted({i for module, name, i in self.slots if module._parameters[name] is self.params[i]})
+        gathered = [(module, name, i) for module, name, i in self.slots if module._parameters[name] is not self.params[i]]
+        averages: dict[int, Tensor] = {}
+        for module, name, i in gathered:  # every rank takes part in each gather, in the same order
+            if i not in averages:
+                averages[i] = self.shadow[i].full_tensor().to(module._parameters[name])
+        held = [module._parameters[name] for module, name, _ in gathered]
+        self._exchange(exchanged)
+        for module, name, i in gathered:
+            module._parameters[name] = averages[i]
+        try:
+            yield
+        finally:
+            for (module, name, _), weight in zip(gathered, held):
+                module._parameters[name] = weight
+            self._exchange(exchanged)
+
+    def _exchange(self, indices: list[int]) -> None:
+        """Swap the contents of the local shards of the given parameters and of their averages."""
+        for i in indices:
+            mine, theirs = local_shard(self.params[i].detach()), local_shard(self.shadow[i])
+            kept = mine.clone()
+            mine.copy_(theirs)
+            theirs.copy_(kept)
+
     def token_loss(self, ctx: TokenLossContext) -> Tensor:
+        self._follow()
         self._to(ctx.device)
         with self.swapped(), eval_mode(ctx.model):
             return self.nll.of(ctx.model, ctx)
 
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module) -> None:
+        self._follow()
         self._to(self.params[0].device)
-        self._update(self.shadow, [p.detach() for p in self.params], self.updates)
+        self._update([local_shard(s) for s in self.shadow], [local_shard(p.detach()) for p in self.params],
+                     self.updates)
         self.updates += 1
 
     def _to(self, device: torch.device) -> None:
@@ -208,14 +287,15 @@ class EmaWeights(HistorySource):
             self.shadow = [s.to(device) for s in self.shadow]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shadow": [s.detach().cpu() for s in self.shadow], "updates": self.updates}
+        self._follow()
+        return {"shadow": [full_tensor(s) for s in self.shadow], "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._follow()
         if len(state["shadow"]) != len(self.shadow):
             raise ValueError(f"TokenSelection: the checkpoint's EMA holds {len(state['shadow'])} tensors, "
                              f"the model has {len(self.shadow)} trainable parameters")
-        device = self.shadow[0].device if self.shadow else torch.device("cpu")
-        self.shadow = [s.to(device=device, dtype=p.dtype) for s, p in zip(state["shadow"], self.params)]
+        self.shadow = [like_shards_of(s, p.detach()) for s, p in zip(state["shadow"], self.params)]
         self.updates = int(state["updates"])
 
 
