@@ -13,7 +13,7 @@ Quantized (bitsandbytes) weights cannot be sharded by FSDP2: such a model gets o
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def shard_causal_lm(model: nn.Module, mesh: Any, precision: Any = None,
-                    extra: tuple[nn.Module, ...] = ()) -> None:
+                    extra: tuple[nn.Module, ...] = (), layers: bool = True) -> None:
     """Shard ``model`` (a causal LM, PEFT-wrapped or not) with FSDP2: each decoder layer, then the whole model.
 
     Modules in ``extra`` (auxiliary heads, say) are sharded as units of their own, before the model. Calling it
@@ -73,6 +73,11 @@ def shard_causal_lm(model: nn.Module, mesh: Any, precision: Any = None,
         mesh: The data-parallel ``DeviceMesh``.
         precision: The Trainer's precision, for the mixed precision policy. Default ``None``: full precision.
         extra: More modules to shard. Default ``()``.
+        layers: Make each decoder layer a unit of its own, gathered for its forward and again for its backward.
+            ``False``: the whole model is one unit, gathered once per step, its gradients and optimizer state
+            sharded; for code that runs a layer many times in one step with backward passes that interleave
+            (a KV cache carried across calls), where a layer's own unit would be resharded while still needed.
+            Default ``True``.
 
     Raises:
         ValueError: The model holds bitsandbytes-quantized weights.
@@ -82,7 +87,7 @@ def shard_causal_lm(model: nn.Module, mesh: Any, precision: Any = None,
     if is_quantized(model):
         raise ValueError("ModelParallelStrategy (FSDP2) cannot shard bitsandbytes 4-bit or 8-bit weights; train a "
                          "quantized model with one device per process (strategy 'ddp') instead")
-    shard_modules((*decoder_layers(model), *extra, model), mesh, precision)
+    shard_modules((*(decoder_layers(model) if layers else ()), *extra, model), mesh, precision)
 
 
 def shard_modules(modules: tuple[nn.Module, ...], mesh: Any, precision: Any = None) -> None:
@@ -95,6 +100,24 @@ def shard_modules(modules: tuple[nn.Module, ...], mesh: Any, precision: Any = No
     for module in modules:
         if not is_sharded(module):
             fully_shard(module, mesh=mesh, **({"mp_policy": policy} if policy is not None else {}))
+
+
+def call_as_forward(module: nn.Module, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` run as ``module``'s forward, so that ``module``'s hooks wrap it: for an FSDP2 root, its
+    weights are gathered before and its backward is registered on the tensors returned after. For code that calls
+    a model's pieces one by one (an embedding, the decoder many times, the output head) instead of its forward.
+
+    What ``function`` returns must hold the tensors a backward starts from in a tuple, list or dict (FSDP2 looks
+    for them there), e.g. ``(loss, details)``.
+    """
+    def forward(*inputs: Any) -> Any:
+        return function(*inputs)
+
+    module.forward = forward  # an instance attribute, found before the class's forward
+    try:
+        return module(*args)
+    finally:
+        del module.forward
 
 
 @contextlib.contextmanager
@@ -118,6 +141,18 @@ def resharded(model: nn.Module) -> Iterator[None]:
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this rank holds: its local shard for a DTensor (a view), the tensor itself otherwise."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def average_gradients(parameters: Any, mesh: Any) -> None:
+    """Average the gradients of parameters every rank holds whole (not sharded) over the data-parallel ``mesh``, as
+    DDP would; for small modules beside a sharded model (call it after each backward)."""
+    import torch.distributed as dist
+
+    group, size = mesh.get_group(), mesh.size()
+    for param in parameters:
+        if param.grad is not None:
+            dist.all_reduce(param.grad, group=group)  # a sum (gloo has no average), divided below
+            param.grad.div_(size)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -145,5 +180,5 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-__all__ = ["data_parallel_mesh", "full_state_dict", "full_tensor", "is_sharded", "like_shards_of", "local_shard",
+__all__ = ["average_gradients", "call_as_forward", "data_parallel_mesh", "full_state_dict", "full_tensor", "is_sharded", "like_shards_of", "local_shard",
            "mixed_precision", "resharded", "shard_causal_lm", "shard_modules", "shards_with_fsdp2"]

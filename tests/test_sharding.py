@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
@@ -23,6 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 TINY = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
+# Quiet-STaR thinks greedily here, so that every process draws the same thoughts.
+QUIET_STAR = dict(n_thoughts=2, thought_length=2, n_ahead_talk=2, policy_weight=1.0, thought_temperature=0.0,
+                  max_new_tokens=0)
+
+
+def prompts(pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two left-padded prompts and their mask."""
+    return torch.tensor([[5, 6, 7, 8], [pad_token_id, 9, 10, 11]]), torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -58,6 +65,15 @@ SCRIPT = textwrap.dedent('''
         if options.get("module") == "heads":
             module = MultiTokenHeadsModule(spec, num_heads=2, optimizer=optimizer, heads_path=out + "/heads")
             return module, data, module.heads
+        if options.get("module") == "quiet-star":
+            from lightning_tokens import PlainTextDataModule, QuietSTaRModule
+
+            from test_sharding import QUIET_STAR
+
+            module = QuietSTaRModule(spec, optimizer=optimizer, **QUIET_STAR)
+            text = PlainTextDataModule(task=ReasoningTask(num_train=32, num_val=8), max_length=48, batch_size=2,
+                                       packing=options.get("packing", False))
+            return module, text, module
         if options.get("module") == "budget":
             module = BudgetPredictorModule(spec, optimizer=optimizer, predictor_path=out + "/predictor.pt")
             traces = TraceDataModule(task=ReasoningTask(num_train=32, num_val=8, style="mixed"), max_length=128,
@@ -95,11 +111,16 @@ SCRIPT = textwrap.dedent('''
         trainer.fit(module, datamodule=data, ckpt_path=options.get("ckpt_path"))
         weights = full_state_dict(trained)
         history = callbacks[1].source.state_dict() if options.get("callback") == "selection" else None
+        generated = None
+        if options.get("module") == "quiet-star":  # every rank thinks its way through the same prompts
+            from test_sharding import prompts
+
+            generated = module.generate(*prompts(module.tokenizer.pad_token_id), max_new_tokens=3).sequences
         if options.get("export") is not None:
             module.export(out + "/export", **options["export"])
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save({"seen": record.seen, "weights": weights if trainer.global_rank == 0 else None,
-                    "history": history}, f"{out}/rank{trainer.global_rank}.pt")
+                    "history": history, "generated": generated}, f"{out}/rank{trainer.global_rank}.pt")
 
 
     # One launch of two processes runs every requested run in turn: (folder, steps, options).
@@ -115,7 +136,7 @@ def sharded_runs(tmp_path: Path, runs: dict[str, tuple[int, dict]]) -> dict[str,
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "sharded.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "TOKENIZERS_PARALLELISM": "false",
            "PL_DISABLE_FORK": "1"}
     plan = [(str(tmp_path / name), steps, options) for name, (steps, options) in runs.items()]
     result = subprocess.run([sys.executable, str(script), json.dumps(plan)], cwd=tmp_path, env=env,
@@ -125,9 +146,9 @@ def sharded_runs(tmp_path: Path, runs: dict[str, tuple[int, dict]]) -> dict[str,
             for name in runs}
 
 
-def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict, Optional[dict]]:
+def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict, dict]:
     """One process trains on the ranks' batches, step by step, on the mean of their losses: the losses, the final
-    weights and TokenSelection's history state (or ``None``)."""
+    weights, and what else the run records (TokenSelection's ``history`` state, Quiet-STaR's ``generated`` ids)."""
     from lightning_tokens import CausalLMModule
     from lightning_tokens.data.packing import model_inputs
     from lightning_tokens.modeling import ModelSpec
@@ -137,8 +158,8 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
     torch.manual_seed(0)
     optimizer_config = OptimizerConfig(lr=1e-2, warmup=0, schedule="constant")
     spec = ModelSpec(config=options["config"], lora=options.get("lora"))
-    if options.get("module") in ("heads", "budget"):
-        return (*replay_frozen_base(ranks, spec, optimizer_config, options["module"]), None)
+    if options.get("module") in ("heads", "budget", "quiet-star"):
+        return replay_whole_module(ranks, spec, optimizer_config, options["module"])
     module = CausalLMModule(model=spec, optimizer=optimizer_config, max_new_tokens=0)
     model = module.model.train()
     TokenLossDispatcher.for_model(model).add(PlainLoss())
@@ -165,7 +186,7 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
             selection.source.after_optimizer_step(model)
         losses.append([loss.detach() for loss in step_losses])
     history = selection.source.state_dict() if options.get("callback") == "selection" else None
-    return losses, {name: value.detach() for name, value in model.state_dict().items()}, history
+    return losses, {name: value.detach() for name, value in model.state_dict().items()}, {"history": history}
 
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
@@ -175,11 +196,14 @@ CASES = {"full": dict(config=TINY), "packed": dict(config=TINY, packing=True),
          "selection-lora": dict(config=TINY, callback="selection", lora=LORA), "caft": dict(config=TINY, callback="caft"),
          "selection-ema": dict(config=TINY, callback="selection", selection=EMA),
          "selection-ema-lora": dict(config=TINY, callback="selection", selection=EMA, lora=LORA),
-         "stage1-heads": dict(config=TINY, module="heads"), "budget-predictor": dict(config=TINY, module="budget")}
+         "stage1-heads": dict(config=TINY, module="heads"), "budget-predictor": dict(config=TINY, module="budget"),
+         "quiet-star": dict(config=TINY, module="quiet-star"),
+         "quiet-star-lora-packed": dict(config=TINY, module="quiet-star", lora=LORA, packing=True)}
 
 
-def replay_frozen_base(ranks: list[dict], spec, optimizer_config, kind: str) -> tuple[list[list[torch.Tensor]], dict]:
-    """:func:`replay` for the stage-1 heads and the budget predictor, which train beside a frozen model."""
+def replay_whole_module(ranks: list[dict], spec, optimizer_config, kind: str) -> tuple[list[list[torch.Tensor]], dict, dict]:
+    """:func:`replay` for modules that compute their loss themselves: the stage-1 heads and the budget predictor
+    (which train beside a frozen model) and Quiet-STaR."""
     from lightning_tokens import BudgetPredictorModule, MultiTokenHeadsModule
     from lightning_tokens.heads.loss import weighted_sum
     from lightning_tokens.optim import build_optimizer, parameter_groups
@@ -190,6 +214,14 @@ def replay_frozen_base(ranks: list[dict], spec, optimizer_config, kind: str) -> 
 
         def loss_of(batch):
             return weighted_sum(module._losses(batch), module.gamma)
+    elif kind == "quiet-star":
+        from lightning_tokens import QuietSTaRModule
+
+        module = trained = QuietSTaRModule(spec, optimizer=optimizer_config, **QUIET_STAR)
+
+        def loss_of(batch):
+            return module.quiet_star(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"),
+                                     position_ids=batch.get("position_ids")).loss
     else:
         module = BudgetPredictorModule(spec, optimizer=optimizer_config)
         trained = module.predictor
@@ -205,7 +237,10 @@ def replay_frozen_base(ranks: list[dict], spec, optimizer_config, kind: str) -> 
         optimizer.step()
         optimizer.zero_grad()
         losses.append([loss.detach() for loss in step_losses])
-    return losses, {name: value.detach() for name, value in trained.state_dict().items()}
+    extra = {}
+    if kind == "quiet-star":
+        extra["generated"] = module.generate(*prompts(module.tokenizer.pad_token_id), max_new_tokens=3).sequences
+    return losses, {name: value.detach() for name, value in trained.state_dict().items()}, extra
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +256,7 @@ def sharded(tmp_path_factory) -> dict[str, list[dict]]:
                  "export": (1, dict(config=TINY, export={})),
                  "export-lora": (1, dict(config=TINY, lora=LORA, export={})),
                  "export-merged": (1, dict(config=TINY, lora=LORA, export={"merge_lora": True})),
+                 "quiet-star-export": (1, dict(config=TINY, module="quiet-star", export={})),
                  "bf16-mixed": (STEPS, dict(config=TINY, precision="bf16-mixed"))})
     results = sharded_runs(root, runs)
     results["root"] = root
@@ -231,7 +267,7 @@ def sharded(tmp_path_factory) -> dict[str, list[dict]]:
 def test_sharded_sft_matches_one_process_on_the_same_batches(sharded, case):
     options = CASES[case]
     ranks = sharded[case]
-    losses, weights, history = replay(ranks, **options)
+    losses, weights, extra = replay(ranks, **options)
     assert not torch.equal(ranks[0]["seen"][0]["batch"]["input_ids"][:1], ranks[1]["seen"][0]["batch"]["input_ids"][:1])
     for step in range(STEPS):
         for rank in (0, 1):
@@ -240,10 +276,13 @@ def test_sharded_sft_matches_one_process_on_the_same_batches(sharded, case):
     assert sharded_weights.keys() == weights.keys() and weights
     for name, value in weights.items():
         torch.testing.assert_close(sharded_weights[name], value, rtol=0, atol=1e-5, msg=name)
+    if "generated" in extra:  # thoughtful generation from the sharded model, on every rank
+        for rank in (0, 1):
+            assert torch.equal(ranks[rank]["generated"], extra["generated"])
     if options.get("selection", {}).get("history") == "ema":  # each rank gathers the whole average
         for rank in (0, 1):
-            assert ranks[rank]["history"]["updates"] == history["updates"] == STEPS
-            for got, expected in zip(ranks[rank]["history"]["shadow"], history["shadow"], strict=True):
+            assert ranks[rank]["history"]["updates"] == extra["history"]["updates"] == STEPS
+            for got, expected in zip(ranks[rank]["history"]["shadow"], extra["history"]["shadow"], strict=True):
                 assert got.shape == expected.shape
                 torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
@@ -364,20 +403,26 @@ def test_stage1_heads_and_the_budget_predictor_are_written_whole_from_sharded_ru
         assert torch.equal(value, sharded["budget-predictor"][0]["weights"][name]), name
 
 
-def test_quiet_star_under_model_parallel_strategy_says_it_cannot_be_sharded():
-    from lightning_tokens import QuietSTaRModule
-    from lightning_tokens.modeling import ModelSpec
+def test_a_sharded_quiet_star_module_exports_what_one_process_exports(sharded):
+    """Gathered from its shards, the export holds the trained weights, the delimiter rows set to the trained thought
+    embeddings, and the mixing head."""
+    from transformers import AutoModelForCausalLM
 
-    class Mesh:  # what ModelParallelStrategy hands the module: a mesh with a data-parallel dimension
-        mesh_dim_names = ("data_parallel", "tensor_parallel")
-
-        def __getitem__(self, name):
-            return self
-
-    module = QuietSTaRModule(ModelSpec(config=TINY), thought_length=2, n_ahead_talk=2)
-    module._device_mesh = Mesh()
-    with pytest.raises(ValueError, match="QuietSTaRModule cannot be sharded by ModelParallelStrategy"):
-        module.configure_model()
+    exported = sharded["root"] / "quiet-star-export" / "export"
+    trained = sharded["quiet-star-export"][0]["weights"]
+    state = AutoModelForCausalLM.from_pretrained(exported).state_dict()
+    extras = torch.load(exported / "quiet_star.pt", weights_only=False)
+    thought = trained["thought_embeddings.scaled"] * extras["hparams"]["embedding_scale"]
+    rows = state["model.embed_tokens.weight"]
+    start, end = rows.shape[0] - 2, rows.shape[0] - 1  # the two delimiters, added last
+    torch.testing.assert_close(rows[[start, end]], thought, rtol=0, atol=1e-6)
+    for name, value in state.items():
+        expected = trained["model." + name]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):  # tied: the rows set above are in both
+            value, expected = value[:start], expected[:start]
+        assert torch.equal(value, expected), name
+    for name, value in extras["mixing_head"].items():
+        assert torch.equal(value, trained["mixing_head." + name]), name
 
 
 def test_bf16_mixed_precision_computes_in_bf16_and_keeps_float32_weights(sharded):

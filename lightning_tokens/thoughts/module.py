@@ -17,7 +17,8 @@ from lightning_tokens.data.reasoning_task import check_answer
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
 from lightning_tokens.quantization import restore_4bit_quant_states
-from lightning_tokens.sharding import data_parallel_mesh
+from lightning_tokens.sharding import (average_gradients, call_as_forward, data_parallel_mesh, full_state_dict,
+                                       is_sharded, shard_causal_lm)
 from lightning_tokens.thoughts.generate import ThoughtfulOutput, thoughtful_generate
 from lightning_tokens.thoughts.heads import MixingHead, ThoughtEmbeddings
 from lightning_tokens.thoughts.loss import QuietSTaRLoss, next_token_targets, quiet_star_loss
@@ -151,6 +152,14 @@ class QuietSTaRModule(LightningModule):
         A packed batch (``position_ids`` restarting at every sample, no ``attention_mask``) is thought about
         sample by sample: no thought or talk step reads or predicts another sample's tokens.
         """
+        if is_sharded(self.model):  # the passes call the model's pieces: FSDP2 gathers its root around them
+            return call_as_forward(self.model, self._quiet_star, input_ids, attention_mask, labels, temperature,
+                                   position_ids)[1]
+        return self._quiet_star(input_ids, attention_mask, labels, temperature, position_ids)[1]
+
+    def _quiet_star(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
+                    temperature: Optional[float], position_ids: Optional[Tensor]) -> tuple[Tensor, QuietSTaRLoss]:
+        """:meth:`quiet_star`, returning ``(loss, output)``: the loss in a tuple, where FSDP2 registers its backward."""
         lm = self.lm
         segments = None
         if attention_mask is None:
@@ -160,16 +169,18 @@ class QuietSTaRModule(LightningModule):
             else:
                 segments = segment_ids(position_ids)
                 attention_mask = real_tokens(segments).long()
+        start, end = self.thought_embeddings()
         passes = parallel_thoughts(
-            lm, input_ids, attention_mask, self.thought_embeddings.start, self.thought_embeddings.end,
+            lm, input_ids, attention_mask, start, end,
             self.forbidden_ids, self.n_thoughts, self.thought_length, self.n_ahead_talk,
             temperature=self.thought_temperature if temperature is None else temperature,
             pad_token_id=self.tokenizer.pad_token_id or 0, position_ids=position_ids if segments is not None else None,
         )
         targets = next_token_targets(input_ids, attention_mask, labels if self.train_on == "labels" else None, segments)
-        return quiet_star_loss(passes, lm.get_output_embeddings(), self.mixing_head, targets, self.forbidden_ids,
-                               self.n_thoughts, self.base_loss_weight, self.policy_weight,
-                               self.reinforce_temperature, self.difficult_fraction)
+        out = quiet_star_loss(passes, lm.get_output_embeddings(), self.mixing_head, targets, self.forbidden_ids,
+                              self.n_thoughts, self.base_loss_weight, self.policy_weight,
+                              self.reinforce_temperature, self.difficult_fraction)
+        return out.loss, out
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.quiet_star(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"),
@@ -217,17 +228,35 @@ class QuietSTaRModule(LightningModule):
         options = dict(max_new_tokens=self.max_new_tokens, thought_length=self.thought_length,
                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id or 0)
         options.update(kwargs)
-        return thoughtful_generate(self.model, self.mixing_head, self.thought_embeddings.start,
-                                   self.thought_embeddings.end, self.forbidden_ids, input_ids, attention_mask,
-                                   **options)
+
+        def generate(input_ids: Tensor, attention_mask: Optional[Tensor]) -> tuple[ThoughtfulOutput]:
+            start, end = self.thought_embeddings()  # (2, d): the two rows
+            return (thoughtful_generate(self.model, self.mixing_head, start, end, self.forbidden_ids, input_ids,
+                                        attention_mask, **options),)
+
+        if is_sharded(self.model):  # every rank generates, the sharded model gathered around it
+            return call_as_forward(self.model, generate, input_ids, attention_mask)[0]
+        return generate(input_ids, attention_mask)[0]
 
     # -- optimisation and export -----------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy`` (FSDP2): one clear error. The thought passes call the model's pieces one
-        by one, outside its own forward, which FSDP2's single-root scheme does not cover yet."""
-        if data_parallel_mesh(self) is not None:
-            raise ValueError("QuietSTaRModule cannot be sharded by ModelParallelStrategy (FSDP2) yet; train it with "
-                             "strategy='ddp' (LoRA or QLoRA keeps a 7B model on one GPU)")
+        """Under ``ModelParallelStrategy`` (FSDP2), shard the model (see :mod:`lightning_tokens.sharding`) as one unit.
+
+        The thought passes run every decoder layer once per pass, and their backward passes interleave through the
+        KV cache (a layer's weights are still needed after one pass's backward is done), so a unit per layer
+        would be resharded while in use: the model is gathered once per step instead (FSDP2 gathers it around
+        the passes, which run as its forward), and its gradients and optimizer state stay sharded. The mixing head
+        and the thought embeddings, small, stay whole on every rank and have their gradients averaged after each
+        backward. Under any other strategy, nothing happens.
+        """
+        mesh = data_parallel_mesh(self)
+        if mesh is not None:
+            shard_causal_lm(self.model, mesh, self.trainer.precision, layers=False)
+
+    def on_after_backward(self) -> None:
+        mesh = data_parallel_mesh(self)
+        if mesh is not None and is_sharded(self.model):
+            average_gradients([*self.mixing_head.parameters(), *self.thought_embeddings.parameters()], mesh)
 
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
@@ -238,8 +267,23 @@ class QuietSTaRModule(LightningModule):
 
     def export(self, path: str | Path) -> Path:
         """Write the model and tokenizer (``save_pretrained``, delimiter rows set to the trained embeddings)
-        and ``quiet_star.pt`` (mixing head, thought embeddings, settings) into ``path``."""
+        and ``quiet_star.pt`` (mixing head, thought embeddings, settings) into ``path``.
+
+        Sharded by FSDP2, every rank must call it (the weights are gathered); rank 0 writes them from an unsharded
+        twin of this module on its CPU.
+        """
         path = Path(path)
+        if is_sharded(self.model):
+            import torch.distributed as dist
+
+            state = full_state_dict(self)
+            if dist.get_rank() == 0:
+                with torch.random.fork_rng():  # building the twin draws initialisations
+                    twin = type(self)(**self.hparams)
+                twin.load_state_dict(state)
+                twin.export(path)
+            dist.barrier()
+            return path
         with torch.no_grad():
             rows = self.lm.get_input_embeddings().weight
             rows[[self.start_id, self.end_id]] = self.thought_embeddings().to(rows.dtype)
