@@ -195,8 +195,10 @@ class CausalLMModule(LightningModule):
     # -- optimisation ----------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``, shard the model with FSDP2 (see :mod:`lightning_tokens.sharding`):
-        each decoder layer, then the whole model, on the data-parallel mesh; auxiliary heads a callback attached
-        (``caft_heads``) become units of their own. Under any other strategy, nothing happens."""
+        each decoder layer, then the whole model, on the data-parallel mesh; the blocks of auxiliary heads a callback
+        attached (``caft_heads``) become units of their own (separate unembeddings stay whole on every rank, and
+        :class:`~lightning_tokens.ConceptAwareFineTuning` averages their gradients). Under any other strategy,
+        nothing happens."""
         mesh = data_parallel_mesh(self)
         if mesh is not None:
             heads = getattr(self, "caft_heads", None)

@@ -63,7 +63,8 @@ SCRIPT = textwrap.dedent('''
         data = SFTDataModule(task=ReasoningTask(num_train=32, num_val=8), max_length=64, batch_size=4,
                              packing=options.get("packing", False))
         if options.get("module") == "heads":
-            module = MultiTokenHeadsModule(spec, num_heads=2, optimizer=optimizer, heads_path=out + "/heads")
+            module = MultiTokenHeadsModule(spec, num_heads=2, optimizer=optimizer, heads_path=out + "/heads",
+                                           separate_unembedding=options.get("separate", False))
             return module, data, module.heads
         if options.get("module") == "quiet-star":
             from lightning_tokens import PlainTextDataModule, QuietSTaRModule
@@ -97,6 +98,10 @@ SCRIPT = textwrap.dedent('''
         elif options.get("callback") == "caft":
             from lightning_tokens import ConceptAwareFineTuning
 
+            if options.get("separate"):  # heads with unembeddings of their own, attached before fit
+                from lightning_tokens.heads import MultiTokenHeads
+
+                module.caft_heads = MultiTokenHeads(module.model, num_heads=2, separate_unembedding=True)
             callbacks.append(ConceptAwareFineTuning(num_heads=2, beta=0.5, train_heads=True, schedule="constant"))
         checkpointing = options.get("checkpoint_dir") is not None
         if checkpointing:
@@ -159,7 +164,7 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
     optimizer_config = OptimizerConfig(lr=1e-2, warmup=0, schedule="constant")
     spec = ModelSpec(config=options["config"], lora=options.get("lora"))
     if options.get("module") in ("heads", "budget", "quiet-star"):
-        return replay_whole_module(ranks, spec, optimizer_config, options["module"])
+        return replay_whole_module(ranks, spec, optimizer_config, options["module"], options.get("separate", False))
     module = CausalLMModule(model=spec, optimizer=optimizer_config, max_new_tokens=0)
     model = module.model.train()
     TokenLossDispatcher.for_model(model).add(PlainLoss())
@@ -172,8 +177,14 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
         from lightning_tokens import ConceptAwareFineTuning
 
         caft = ConceptAwareFineTuning(num_heads=2, beta=0.5, train_heads=True, schedule="constant")
-        with pytest.warns(UserWarning, match="untrained"):
+        if options.get("separate"):
+            from lightning_tokens.heads import MultiTokenHeads
+
+            module.caft_heads = MultiTokenHeads(module.model, num_heads=2, separate_unembedding=True)
             caft.setup(None, module, "fit")
+        else:
+            with pytest.warns(UserWarning, match="untrained"):
+                caft.setup(None, module, "fit")
         caft.total_steps = STEPS
     optimizer = build_optimizer(module.optim, parameter_groups(module.named_parameters(), module.optim.weight_decay))
     losses = []
@@ -197,11 +208,14 @@ CASES = {"full": dict(config=TINY), "packed": dict(config=TINY, packing=True),
          "selection-ema": dict(config=TINY, callback="selection", selection=EMA),
          "selection-ema-lora": dict(config=TINY, callback="selection", selection=EMA, lora=LORA),
          "stage1-heads": dict(config=TINY, module="heads"), "budget-predictor": dict(config=TINY, module="budget"),
+         "caft-separate": dict(config=TINY, callback="caft", separate=True),
+         "stage1-heads-separate": dict(config=TINY, module="heads", separate=True),
          "quiet-star": dict(config=TINY, module="quiet-star"),
          "quiet-star-lora-packed": dict(config=TINY, module="quiet-star", lora=LORA, packing=True)}
 
 
-def replay_whole_module(ranks: list[dict], spec, optimizer_config, kind: str) -> tuple[list[list[torch.Tensor]], dict, dict]:
+def replay_whole_module(ranks: list[dict], spec, optimizer_config, kind: str,
+                        separate: bool = False) -> tuple[list[list[torch.Tensor]], dict, dict]:
     """:func:`replay` for modules that compute their loss themselves: the stage-1 heads and the budget predictor
     (which train beside a frozen model) and Quiet-STaR."""
     from lightning_tokens import BudgetPredictorModule, MultiTokenHeadsModule
@@ -209,7 +223,8 @@ def replay_whole_module(ranks: list[dict], spec, optimizer_config, kind: str) ->
     from lightning_tokens.optim import build_optimizer, parameter_groups
 
     if kind == "heads":
-        module = MultiTokenHeadsModule(spec, num_heads=2, optimizer=optimizer_config, heads_path=None)
+        module = MultiTokenHeadsModule(spec, num_heads=2, optimizer=optimizer_config, heads_path=None,
+                                       separate_unembedding=separate)
         trained = module.heads
 
         def loss_of(batch):
@@ -347,30 +362,10 @@ def test_a_sharded_lora_model_exports_its_adapters_and_merges_them(sharded):
 
 
 # -- what cannot be sharded says so at once -------------------------------------------------------------------
-def fake_trainer():
-    from types import SimpleNamespace
-
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-                           global_rank=0, datamodule=None)
-
-
-def test_combinations_fsdp2_cannot_shard_fail_at_setup(tmp_path):
-    import lightning.pytorch as pl
-
-    from lightning_tokens import ConceptAwareFineTuning
-    from lightning_tokens.heads import MultiTokenHeads
+def test_quantized_weights_fsdp2_cannot_shard_fail_at_setup():
     from lightning_tokens.modeling import ModelSpec, load_causal_lm
     from lightning_tokens.sharding import shard_causal_lm
 
-    model, _ = load_causal_lm(ModelSpec(config=TINY))
-    holder = pl.LightningModule()
-    holder.net = model
-    MultiTokenHeads(model, num_heads=2, separate_unembedding=True).save(tmp_path / "heads")
-    with pytest.raises(ValueError, match="separate unembeddings cannot be sharded"):
-        ConceptAwareFineTuning(heads_path=str(tmp_path / "heads")).setup(fake_trainer(), holder, "fit")
-    assert not hasattr(holder, "caft_heads")
     quantized, _ = load_causal_lm(ModelSpec(config=TINY, quantization="nf4", compute_dtype="float32",
                                             lora={"r": 4, "lora_alpha": 8}))
     with pytest.raises(ValueError, match="cannot shard bitsandbytes 4-bit or 8-bit weights"):

@@ -19,7 +19,7 @@ from lightning_tokens.heads.heads import WEIGHTS_NAME, Architecture, MultiTokenH
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.heads.schedule import parse_schedule, schedule_value
 from lightning_tokens.modeling import causal_lm_of, decoder_layers
-from lightning_tokens.sharding import shards_with_fsdp2
+from lightning_tokens.sharding import average_gradients, data_parallel_mesh, shards_with_fsdp2
 from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, TokenLossCallback, TokenLossContext, find_causal_lm
 
 HEADS_ATTRIBUTE = "caft_heads"
@@ -103,9 +103,6 @@ class ConceptAwareFineTuning(TokenLossCallback):
         heads = getattr(pl_module, HEADS_ATTRIBUTE, None)
         if heads is None:
             heads = self._build_heads(model)  # before joining the dispatcher: a bad path leaves nothing behind
-            if heads.separate_unembedding and shards_with_fsdp2(trainer):
-                raise ValueError("ConceptAwareFineTuning: heads with separate unembeddings cannot be sharded by "
-                                 "ModelParallelStrategy (FSDP2) yet; use heads sharing lm_head, or strategy='ddp'")
             pl_module.add_module(HEADS_ATTRIBUTE, heads)
         heads.requires_grad_(bool(self.train_heads))
         lm_head = causal_lm_of(model).get_output_embeddings()
@@ -160,6 +157,13 @@ class ConceptAwareFineTuning(TokenLossCallback):
         for k, item in enumerate(losses, start=1):
             self._last[f"caft_head{k}_loss"] = item.loss.detach()
             self._last[f"caft_head{k}_acc"] = item.accuracy
+
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Under FSDP2 separate unembeddings stay whole on every rank (the chunked loss reads them as weights, outside
+        # a module call FSDP2 could gather around): average their gradients, as DDP would.
+        mesh = data_parallel_mesh(pl_module) if shards_with_fsdp2(trainer) else None
+        if mesh is not None and self._heads is not None and self._heads.unembeddings is not None:
+            average_gradients(self._heads.unembeddings.parameters(), mesh)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -14,7 +14,7 @@ from lightning_tokens.heads.heads import Architecture, MultiTokenHeads, capture_
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
-from lightning_tokens.sharding import data_parallel_mesh, full_state_dict, shard_modules
+from lightning_tokens.sharding import average_gradients, data_parallel_mesh, full_state_dict, shard_modules
 
 
 def stage1_optimizer() -> OptimizerConfig:
@@ -115,14 +115,16 @@ class MultiTokenHeadsModule(LightningModule):
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (FSDP2), shard each head block as a unit of its own; the frozen base
-        stays whole on every rank. Heads with separate unembeddings cannot be sharded (one error says so)."""
+        stays whole on every rank. Separate unembeddings (read as weights by the chunked loss, outside any module
+        call FSDP2 could gather around) stay whole on every rank too, their gradients averaged after each backward."""
         mesh = data_parallel_mesh(self)
-        if mesh is None:
-            return
-        if self.heads.separate_unembedding:
-            raise ValueError("MultiTokenHeadsModule: heads with separate unembeddings cannot be sharded by "
-                             "ModelParallelStrategy (FSDP2) yet; use separate_unembedding=False or strategy='ddp'")
-        shard_modules(tuple(self.heads.blocks), mesh, self.trainer.precision)
+        if mesh is not None:
+            shard_modules(tuple(self.heads.blocks), mesh, self.trainer.precision)
+
+    def on_after_backward(self) -> None:
+        mesh = data_parallel_mesh(self)
+        if mesh is not None and self.heads.unembeddings is not None:
+            average_gradients(self.heads.unembeddings.parameters(), mesh)
 
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.heads.named_parameters(), self.optim.weight_decay)
