@@ -54,6 +54,18 @@ def shards_with_fsdp2(trainer: Any) -> bool:
     return isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
 
 
+def warn_if_fsdp1(trainer: Any, who: str) -> None:
+    """One warning when ``trainer`` runs Lightning's ``FSDPStrategy`` (FSDP1, ``strategy: fsdp``), which ``who``
+    is not tested under: its flat parameters hide the weights that callbacks read and swap."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    if isinstance(getattr(trainer, "strategy", None), FSDPStrategy):
+        rank_zero_warn(f"{who}: strategy 'fsdp' (FSDP1) is not tested with lightning-tokens; shard with "
+                       "ModelParallelStrategy(data_parallel_size=<GPUs>, tensor_parallel_size=1) (FSDP2) instead, "
+                       "which every module and callback of lightning-tokens supports")
+
+
 def is_sharded(module: nn.Module) -> bool:
     """Whether ``fully_shard`` was applied to ``module``."""
     from torch.distributed.fsdp import FSDPModule
@@ -155,6 +167,32 @@ def average_gradients(parameters: Any, mesh: Any) -> None:
             param.grad.div_(size)
 
 
+def clip_mixed_gradients(module: nn.Module, clip_value: Optional[float], algorithm: Optional[str]) -> bool:
+    """Clip the gradients of ``module`` when it mixes FSDP2-sharded parameters (DTensors) with parameters every rank
+    holds whole, which torch's clipping cannot take together; ``True`` if it did, ``False`` to leave clipping to
+    Lightning (nothing to clip, or nothing mixed). For ``configure_gradient_clipping``.
+
+    ``"norm"`` (the default algorithm) scales every gradient by ``min(1, clip_value / (total_norm + 1e-6))``, the
+    total norm over all of them (the sharded part gathered), as ``torch.nn.utils.clip_grad_norm_``; ``"value"``
+    clamps each gradient to ``[-clip_value, clip_value]``.
+    """
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    sharded = [g for g in grads if hasattr(g, "device_mesh")]
+    if not clip_value or not sharded or len(sharded) == len(grads):
+        return False
+    if algorithm == "value":
+        for grad in grads:
+            grad.clamp_(-clip_value, clip_value)
+        return True
+    whole = [g for g in grads if not hasattr(g, "device_mesh")]
+    sharded_norm = torch.nn.utils.get_total_norm(sharded).full_tensor()
+    total = torch.stack([sharded_norm, torch.nn.utils.get_total_norm(whole).to(sharded_norm)]).norm()
+    scale = float((clip_value / (total + 1e-6)).clamp(max=1.0))
+    for grad in grads:
+        grad.mul_(scale)
+    return True
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` whole on the CPU: gathered from every rank for a DTensor (then every rank must call it)."""
     return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().cpu()
@@ -180,5 +218,5 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-__all__ = ["average_gradients", "call_as_forward", "data_parallel_mesh", "full_state_dict", "full_tensor", "is_sharded", "like_shards_of", "local_shard",
-           "mixed_precision", "resharded", "shard_causal_lm", "shard_modules", "shards_with_fsdp2"]
+__all__ = ["average_gradients", "call_as_forward", "clip_mixed_gradients", "data_parallel_mesh", "full_state_dict", "full_tensor", "is_sharded", "like_shards_of", "local_shard",
+           "mixed_precision", "resharded", "shard_causal_lm", "shard_modules", "shards_with_fsdp2", "warn_if_fsdp1"]

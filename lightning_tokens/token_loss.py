@@ -38,6 +38,7 @@ from lightning_tokens.lean_loss import (DEFAULT_CHUNK, IGNORE_INDEX, HeadInputCa
                                         token_cross_entropy)
 from lightning_tokens.modeling import causal_lm_of
 from lightning_tokens.quantization import keep_4bit_weights_unpacked
+from lightning_tokens.sharding import warn_if_fsdp1
 
 #: Checkpoint entry naming the submodules a callback attached to the LightningModule (CAFT's heads, say).
 #: ``CausalLMModule`` leaves their weights out when it is loaded without that callback.
@@ -521,6 +522,7 @@ class TokenLossCallback(Callback):
         self._checked_first_batch = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        warn_if_fsdp1(trainer, type(self).__name__)
         self.dispatcher = TokenLossDispatcher.for_model(find_causal_lm(pl_module, self.model_attribute))
         self.dispatcher.add(self)
 

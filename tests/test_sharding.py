@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -25,6 +26,16 @@ TINY = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden
 # Quiet-STaR thinks greedily here, so that every process draws the same thoughts.
 QUIET_STAR = dict(n_thoughts=2, thought_length=2, n_ahead_talk=2, policy_weight=1.0, thought_temperature=0.0,
                   max_new_tokens=0)
+
+
+def selection_options(options: dict) -> dict:
+    """TokenSelection's arguments in a run's (JSON) options, a Rho-1 ``reference`` given as ModelSpec fields."""
+    from lightning_tokens.modeling import ModelSpec
+
+    arguments = dict(options.get("selection", {}))
+    if "reference" in arguments:
+        arguments["reference"] = ModelSpec(**arguments["reference"])
+    return arguments
 
 
 def prompts(pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +104,9 @@ SCRIPT = textwrap.dedent('''
         callbacks = [record]
         if options.get("callback") == "selection":
             from lightning_tokens import TokenSelection
+            from test_sharding import selection_options
 
-            callbacks.append(TokenSelection(warmup=0, ratio=0.5, **options.get("selection", {})))
+            callbacks.append(TokenSelection(warmup=0, ratio=0.5, **selection_options(options)))
         elif options.get("callback") == "caft":
             from lightning_tokens import ConceptAwareFineTuning
 
@@ -112,7 +124,8 @@ SCRIPT = textwrap.dedent('''
                              strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                              enable_checkpointing=checkpointing, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                             precision=options.get("precision", "32-true"))
+                             precision=options.get("precision", "32-true"),
+                             gradient_clip_val=options.get("clip"))
         trainer.fit(module, datamodule=data, ckpt_path=options.get("ckpt_path"))
         weights = full_state_dict(trained)
         history = callbacks[1].source.state_dict() if options.get("callback") == "selection" else None
@@ -164,14 +177,15 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
     optimizer_config = OptimizerConfig(lr=1e-2, warmup=0, schedule="constant")
     spec = ModelSpec(config=options["config"], lora=options.get("lora"))
     if options.get("module") in ("heads", "budget", "quiet-star"):
-        return replay_whole_module(ranks, spec, optimizer_config, options["module"], options.get("separate", False))
+        return replay_whole_module(ranks, spec, optimizer_config, options["module"], options.get("separate", False),
+                                   options.get("clip"))
     module = CausalLMModule(model=spec, optimizer=optimizer_config, max_new_tokens=0)
     model = module.model.train()
     TokenLossDispatcher.for_model(model).add(PlainLoss())
     if options.get("callback") == "selection":
         from lightning_tokens import TokenSelection
 
-        selection = TokenSelection(warmup=0, ratio=0.5, **options.get("selection", {}))
+        selection = TokenSelection(warmup=0, ratio=0.5, **selection_options(options))
         selection.attach(model, module)
     elif options.get("callback") == "caft":
         from lightning_tokens import ConceptAwareFineTuning
@@ -191,6 +205,8 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
     for step in range(STEPS):
         step_losses = [model(**model_inputs(rank["seen"][step]["batch"])).loss for rank in ranks]
         (sum(step_losses) / len(step_losses)).backward()
+        if options.get("clip"):
+            torch.nn.utils.clip_grad_norm_(module.parameters(), options["clip"])
         optimizer.step()
         optimizer.zero_grad()
         if options.get("callback") == "selection":
@@ -202,20 +218,23 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 EMA = {"history": "ema", "ema_decay": 0.5}  # a fast average, so that three steps move it
-CASES = {"full": dict(config=TINY), "packed": dict(config=TINY, packing=True),
+# Clipping (``clip``: Trainer.gradient_clip_val) where sharded and whole parameters train together, and in one plain run.
+CASES = {"full": dict(config=TINY), "packed": dict(config=TINY, packing=True, clip=0.5),
          "selection": dict(config=TINY, callback="selection"),
          "selection-lora": dict(config=TINY, callback="selection", lora=LORA), "caft": dict(config=TINY, callback="caft"),
          "selection-ema": dict(config=TINY, callback="selection", selection=EMA),
          "selection-ema-lora": dict(config=TINY, callback="selection", selection=EMA, lora=LORA),
          "stage1-heads": dict(config=TINY, module="heads"), "budget-predictor": dict(config=TINY, module="budget"),
-         "caft-separate": dict(config=TINY, callback="caft", separate=True),
-         "stage1-heads-separate": dict(config=TINY, module="heads", separate=True),
+         "selection-rho1": dict(config=TINY, callback="selection",
+                                selection={"mode": "rho1", "reference": {"config": TINY, "seed": 1}}),
+         "caft-separate": dict(config=TINY, callback="caft", separate=True, clip=0.5),
+         "stage1-heads-separate": dict(config=TINY, module="heads", separate=True, clip=0.5),
          "quiet-star": dict(config=TINY, module="quiet-star"),
-         "quiet-star-lora-packed": dict(config=TINY, module="quiet-star", lora=LORA, packing=True)}
+         "quiet-star-lora-packed": dict(config=TINY, module="quiet-star", lora=LORA, packing=True, clip=0.5)}
 
 
-def replay_whole_module(ranks: list[dict], spec, optimizer_config, kind: str,
-                        separate: bool = False) -> tuple[list[list[torch.Tensor]], dict, dict]:
+def replay_whole_module(ranks: list[dict], spec, optimizer_config, kind: str, separate: bool = False,
+                        clip: Optional[float] = None) -> tuple[list[list[torch.Tensor]], dict, dict]:
     """:func:`replay` for modules that compute their loss themselves: the stage-1 heads and the budget predictor
     (which train beside a frozen model) and Quiet-STaR."""
     from lightning_tokens import BudgetPredictorModule, MultiTokenHeadsModule
@@ -249,6 +268,8 @@ def replay_whole_module(ranks: list[dict], spec, optimizer_config, kind: str,
     for step in range(STEPS):
         step_losses = [loss_of(rank["seen"][step]["batch"]) for rank in ranks]
         (sum(step_losses) / len(step_losses)).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad()
         losses.append([loss.detach() for loss in step_losses])
@@ -432,3 +453,70 @@ def test_bf16_mixed_precision_computes_in_bf16_and_keeps_float32_weights(sharded
     differences = [abs(float(bf16[r]["seen"][s]["loss"] - fp32[r]["seen"][s]["loss"])) for r in (0, 1) for s in range(STEPS)]
     assert 0 < max(differences) < 0.05
     assert all(value.dtype == torch.float32 for value in bf16[0]["weights"].values() if value.is_floating_point())
+
+
+def test_the_fsdp1_strategy_gets_one_warning_naming_what_to_use():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from lightning_tokens.sharding import warn_if_fsdp1
+
+    with pytest.warns(UserWarning, match=r"TokenSelection: strategy 'fsdp' \(FSDP1\) is not tested.*ModelParallelStrategy"):
+        warn_if_fsdp1(SimpleNamespace(strategy=FSDPStrategy()), "TokenSelection")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for strategy in (DDPStrategy(), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)):
+            warn_if_fsdp1(SimpleNamespace(strategy=strategy), "TokenSelection")
+    from lightning_tokens import CausalLMModule
+    from lightning_tokens.modeling import ModelSpec
+
+    module = CausalLMModule(model=ModelSpec(config=TINY), max_new_tokens=0)
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision="32-true")
+    with pytest.warns(UserWarning, match="CausalLMModule: strategy 'fsdp'"):  # where the modules shard
+        module.configure_model()
+
+
+@pytest.fixture()
+def one_process_group():
+    """A gloo process group of this process alone, for DTensors without a launch."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_mixes_sharded_and_whole_gradients_like_torch_clips_whole_ones(one_process_group, algorithm):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_tokens.sharding import clip_mixed_gradients, shard_modules
+
+    torch.manual_seed(0)
+    module = torch.nn.ModuleDict({"sharded": torch.nn.Linear(6, 5), "whole": torch.nn.Linear(5, 3)})
+    grads = [torch.randn_like(p) * 3 for p in module.parameters()]
+    shard_modules((module["sharded"],), init_device_mesh("cpu", (1,)))
+    for param, grad in zip(module.parameters(), grads):
+        param.grad = torch.distributed.tensor.distribute_tensor(grad, param.device_mesh, param.placements) \
+            if hasattr(param, "device_mesh") else grad.clone()
+    assert any(hasattr(p, "device_mesh") for p in module.parameters())
+    assert not clip_mixed_gradients(module["sharded"], 1.0, algorithm)  # nothing whole: Lightning clips
+    assert clip_mixed_gradients(module, 1.0, algorithm)
+    expected = [g.clone() for g in grads]
+    if algorithm == "norm":
+        total = torch.cat([g.flatten() for g in grads]).norm()
+        assert total > 1.0
+        expected = [g * (1.0 / (total + 1e-6)) for g in grads]
+    else:
+        expected = [g.clamp(-1.0, 1.0) for g in grads]
+    for param, want in zip(module.parameters(), expected):
+        got = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        torch.testing.assert_close(got, want)

@@ -14,7 +14,7 @@ from lightning_tokens.budget.predictor import BudgetPredictor
 from lightning_tokens.data.packing import FLASH_KEYS, batch_samples
 from lightning_tokens.modeling import ModelSpec, decoder_of, load_frozen_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
-from lightning_tokens.sharding import data_parallel_mesh, full_state_dict, shard_modules
+from lightning_tokens.sharding import data_parallel_mesh, full_state_dict, shard_modules, warn_if_fsdp1
 
 
 class BudgetPredictorModule(LightningModule):
@@ -113,6 +113,7 @@ class BudgetPredictorModule(LightningModule):
     # -- optimisation and checkpoints -----------------------------------------------------------------
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (FSDP2), shard the predictor; the frozen LM stays whole on every rank."""
+        warn_if_fsdp1(self.trainer, type(self).__name__)
         mesh = data_parallel_mesh(self)
         if mesh is not None:
             shard_modules((self.predictor,), mesh, self.trainer.precision)

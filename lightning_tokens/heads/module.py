@@ -14,7 +14,8 @@ from lightning_tokens.heads.heads import Architecture, MultiTokenHeads, capture_
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
-from lightning_tokens.sharding import average_gradients, data_parallel_mesh, full_state_dict, shard_modules
+from lightning_tokens.sharding import (average_gradients, clip_mixed_gradients, data_parallel_mesh, full_state_dict,
+                                       shard_modules, warn_if_fsdp1)
 
 
 def stage1_optimizer() -> OptimizerConfig:
@@ -117,6 +118,7 @@ class MultiTokenHeadsModule(LightningModule):
         """Under ``ModelParallelStrategy`` (FSDP2), shard each head block as a unit of its own; the frozen base
         stays whole on every rank. Separate unembeddings (read as weights by the chunked loss, outside any module
         call FSDP2 could gather around) stay whole on every rank too, their gradients averaged after each backward."""
+        warn_if_fsdp1(self.trainer, type(self).__name__)
         mesh = data_parallel_mesh(self)
         if mesh is not None:
             shard_modules(tuple(self.heads.blocks), mesh, self.trainer.precision)
@@ -125,6 +127,12 @@ class MultiTokenHeadsModule(LightningModule):
         mesh = data_parallel_mesh(self)
         if mesh is not None and self.heads.unembeddings is not None:
             average_gradients(self.heads.unembeddings.parameters(), mesh)
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        # Sharded weights beside ones every rank holds whole: torch's clipping cannot take both (see sharding).
+        if not clip_mixed_gradients(self, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.heads.named_parameters(), self.optim.weight_decay)

@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_tokens.data.packing import SampleView
 from lightning_tokens.modeling import ModelSpec
-from lightning_tokens.sharding import shards_with_fsdp2
+from lightning_tokens.sharding import shards_with_fsdp2, warn_if_fsdp1
 from lightning_tokens.selection.attention import AttentionProbe
 from lightning_tokens.selection.history import (DisabledAdapters, EmaWeights, FrozenCopy, HistorySource, Precomputed,
                                                 ReferenceModel)
@@ -219,6 +219,7 @@ class TokenSelection(TokenLossCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        warn_if_fsdp1(trainer, type(self).__name__)
         self._sharded = shards_with_fsdp2(trainer)
         self.rank = trainer.global_rank
         self.attach(find_causal_lm(pl_module, self.model_attribute), pl_module, trainer.strategy.root_device,

@@ -17,8 +17,8 @@ from lightning_tokens.data.reasoning_task import check_answer
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
 from lightning_tokens.quantization import restore_4bit_quant_states
-from lightning_tokens.sharding import (average_gradients, call_as_forward, data_parallel_mesh, full_state_dict,
-                                       is_sharded, shard_causal_lm)
+from lightning_tokens.sharding import (average_gradients, call_as_forward, clip_mixed_gradients, data_parallel_mesh,
+                                       full_state_dict, is_sharded, shard_causal_lm, warn_if_fsdp1)
 from lightning_tokens.thoughts.generate import ThoughtfulOutput, thoughtful_generate
 from lightning_tokens.thoughts.heads import MixingHead, ThoughtEmbeddings
 from lightning_tokens.thoughts.loss import QuietSTaRLoss, next_token_targets, quiet_star_loss
@@ -249,6 +249,7 @@ class QuietSTaRModule(LightningModule):
         and the thought embeddings, small, stay whole on every rank and have their gradients averaged after each
         backward. Under any other strategy, nothing happens.
         """
+        warn_if_fsdp1(self.trainer, type(self).__name__)
         mesh = data_parallel_mesh(self)
         if mesh is not None:
             shard_causal_lm(self.model, mesh, self.trainer.precision, layers=False)
@@ -257,6 +258,12 @@ class QuietSTaRModule(LightningModule):
         mesh = data_parallel_mesh(self)
         if mesh is not None and is_sharded(self.model):
             average_gradients([*self.mixing_head.parameters(), *self.thought_embeddings.parameters()], mesh)
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        # Sharded weights beside ones every rank holds whole: torch's clipping cannot take both (see sharding).
+        if not clip_mixed_gradients(self, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
