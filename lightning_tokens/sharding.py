@@ -7,7 +7,18 @@ for its forward and backward. This runs on GPUs (NCCL) and on CPUs (gloo), so it
 
     Trainer(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2)
 
-Quantized (bitsandbytes) weights cannot be sharded by FSDP2: such a model gets one clear error.
+Beyond the layers:
+
+- Code that calls a model's pieces itself (Quiet-STaR's thought passes) runs as the sharded model's forward
+  (:func:`call_as_forward`), so FSDP2 gathers the root around it.
+- Small modules every rank holds whole beside a sharded model (Quiet-STaR's mixing head, separate CAFT
+  unembeddings) have their gradients averaged after each backward (:func:`average_gradients`), and gradient
+  clipping takes sharded and whole gradients together (:func:`clip_mixed_gradients`).
+- Weights swapped for one forward (TokenSelection's EMA history) go into the local shards of resharded units and
+  into the parameter slots of the gathered root (:func:`resharded`, :func:`local_shard`).
+
+Quantized (bitsandbytes) weights cannot be sharded by FSDP2: such a model gets one clear error. Lightning's older
+``FSDPStrategy`` (FSDP1) gets one warning naming ``ModelParallelStrategy`` (:func:`warn_if_fsdp1`).
 """
 
 from __future__ import annotations

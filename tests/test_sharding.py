@@ -233,6 +233,12 @@ CASES = {"full": dict(config=TINY), "packed": dict(config=TINY, packing=True, cl
          "quiet-star-lora-packed": dict(config=TINY, module="quiet-star", lora=LORA, packing=True, clip=0.5)}
 
 
+# Each carries state a resume must restore: the EMA history; heads with unembeddings every rank holds whole (and
+# their optimizer state) beside sharded ones; Quiet-STaR's model as one unit beside its whole mixing head.
+RESUMABLE = {"selection-ema": CASES["selection-ema"], "caft-separate": CASES["caft-separate"],
+             "quiet-star": CASES["quiet-star"]}
+
+
 def replay_whole_module(ranks: list[dict], spec, optimizer_config, kind: str, separate: bool = False,
                         clip: Optional[float] = None) -> tuple[list[list[torch.Tensor]], dict, dict]:
     """:func:`replay` for modules that compute their loss themselves: the stage-1 heads and the budget predictor
@@ -281,15 +287,15 @@ def replay_whole_module(ranks: list[dict], spec, optimizer_config, kind: str, se
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict[str, list[dict]]:
-    """Every case of this file, in one launch of two processes: the equivalence cases, a run interrupted after 2
-    of 4 steps with its checkpoints, its resumption, and an export."""
+    """Every case of this file, in one launch of two processes: the equivalence cases; for each resumable setup a
+    run of 4 steps, one interrupted after 2 with its checkpoints, and its resumption; the exports."""
     root = tmp_path_factory.mktemp("sharded")
-    checkpoints = str(root / "checkpoints")
-    resumable = dict(config=TINY, callback="selection", selection=EMA)  # the EMA is state a resume must restore
     runs = {name: (STEPS, options) for name, options in CASES.items()}
-    runs.update({"straight": (4, resumable), "first": (2, {**resumable, "checkpoint_dir": checkpoints}),
-                 "resumed": (4, {**resumable, "ckpt_path": checkpoints + "/last.ckpt"}),
-                 "export": (1, dict(config=TINY, export={})),
+    for name, options in RESUMABLE.items():
+        checkpoints = str(root / f"{name}-checkpoints")
+        runs.update({f"{name}-straight": (4, options), f"{name}-first": (2, {**options, "checkpoint_dir": checkpoints}),
+                     f"{name}-resumed": (4, {**options, "ckpt_path": checkpoints + "/last.ckpt"})})
+    runs.update({"export": (1, dict(config=TINY, export={})),
                  "export-lora": (1, dict(config=TINY, lora=LORA, export={})),
                  "export-merged": (1, dict(config=TINY, lora=LORA, export={"merge_lora": True})),
                  "quiet-star-export": (1, dict(config=TINY, module="quiet-star", export={})),
@@ -323,11 +329,12 @@ def test_sharded_sft_matches_one_process_on_the_same_batches(sharded, case):
                 torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-def test_a_sharded_run_resumes_exactly_mid_epoch(sharded):
+@pytest.mark.parametrize("name", sorted(RESUMABLE))
+def test_a_sharded_run_resumes_exactly_mid_epoch(sharded, name):
     """Interrupted after 2 of 4 steps (mid-epoch) and resumed from its sharded checkpoint, a run gives the losses
     and the weights of the uninterrupted run."""
-    straight, resumed = sharded["straight"], sharded["resumed"]
-    assert (sharded["root"] / "checkpoints" / "last.ckpt").is_dir()  # a distributed checkpoint: a shard per rank
+    straight, resumed = sharded[f"{name}-straight"], sharded[f"{name}-resumed"]
+    assert (sharded["root"] / f"{name}-checkpoints" / "last.ckpt").is_dir()  # a distributed checkpoint
     for rank in (0, 1):
         assert len(resumed[rank]["seen"]) == 2
         for step in (0, 1):
@@ -338,6 +345,8 @@ def test_a_sharded_run_resumes_exactly_mid_epoch(sharded):
         torch.testing.assert_close(resumed[0]["weights"][name], value, rtol=0, atol=1e-6, msg=name)
     for rank in (0, 1):  # the EMA history came back from the checkpoint, each rank's own shards
         history, resumed_history = straight[rank]["history"], resumed[rank]["history"]
+        if history is None:
+            continue
         assert resumed_history["updates"] == history["updates"] == 4
         for got, expected in zip(resumed_history["shadow"], history["shadow"], strict=True):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
