@@ -200,7 +200,7 @@ class CausalLMModule(LightningModule):
         attached (``caft_heads``) become units of their own (separate unembeddings stay whole on every rank, and
         :class:`~lightning_tokens.ConceptAwareFineTuning` averages their gradients). Under any other strategy,
         nothing happens."""
-        warn_if_fsdp1(self.trainer, type(self).__name__)
+        warn_if_fsdp1(self._trainer, type(self).__name__)
         mesh = data_parallel_mesh(self)
         if mesh is not None:
             heads = getattr(self, "caft_heads", None)

@@ -113,7 +113,7 @@ class BudgetPredictorModule(LightningModule):
     # -- optimisation and checkpoints -----------------------------------------------------------------
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (FSDP2), shard the predictor; the frozen LM stays whole on every rank."""
-        warn_if_fsdp1(self.trainer, type(self).__name__)
+        warn_if_fsdp1(self._trainer, type(self).__name__)
         mesh = data_parallel_mesh(self)
         if mesh is not None:
             shard_modules((self.predictor,), mesh, self.trainer.precision)

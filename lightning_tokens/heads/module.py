@@ -118,7 +118,7 @@ class MultiTokenHeadsModule(LightningModule):
         """Under ``ModelParallelStrategy`` (FSDP2), shard each head block as a unit of its own; the frozen base
         stays whole on every rank. Separate unembeddings (read as weights by the chunked loss, outside any module
         call FSDP2 could gather around) stay whole on every rank too, their gradients averaged after each backward."""
-        warn_if_fsdp1(self.trainer, type(self).__name__)
+        warn_if_fsdp1(self._trainer, type(self).__name__)
         mesh = data_parallel_mesh(self)
         if mesh is not None:
             shard_modules(tuple(self.heads.blocks), mesh, self.trainer.precision)

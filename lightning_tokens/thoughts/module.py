@@ -249,7 +249,7 @@ class QuietSTaRModule(LightningModule):
         and the thought embeddings, small, stay whole on every rank and have their gradients averaged after each
         backward. Under any other strategy, nothing happens.
         """
-        warn_if_fsdp1(self.trainer, type(self).__name__)
+        warn_if_fsdp1(self._trainer, type(self).__name__)
         mesh = data_parallel_mesh(self)
         if mesh is not None:
             shard_causal_lm(self.model, mesh, self.trainer.precision, layers=False)
