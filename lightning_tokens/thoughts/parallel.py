@@ -1,15 +1,16 @@
 """Parallel thought sampling: one thought after every position of a batch, all positions at once.
 
-Pass 0 reads the text. Every later pass is one forward over all ``L`` positions on a KV cache that grows
-by ``L`` keys per pass: ``<sot>``, the sampled thought tokens, ``<eot>``, then the true next tokens
-(teacher forcing of the talk steps). At pass ``k`` the query at position ``i`` attends to the text keys
-``j <= i`` and to the keys pass ``1..k`` wrote at position ``i`` (the 4D mask is ``[causal | I | ... | I]``),
-so branch ``i`` sees exactly the prefix ``x_<=i`` and its own thought: the same computation as running
-the model on ``x_<=i, <sot>, t_1, ..., <eot>, x_i+1, ...`` as one sequence. Position ids advance by one per
-pass (thought token ``k`` of branch ``i`` sits at position ``i + k``).
+Pass 0 reads the text. Every later pass is one forward over all ``L`` positions: ``<sot>``, the sampled
+thought tokens, ``<eot>``, then the true next tokens (teacher forcing of the talk steps). At pass ``k`` the
+query at position ``i`` attends to the text keys ``j <= i`` and to the keys passes ``1..k`` wrote at position
+``i`` itself, so branch ``i`` sees exactly the prefix ``x_<=i`` and its own thought: the same computation as
+running the model on ``x_<=i, <sot>, t_1, ..., <eot>, x_i+1, ...`` as one sequence. Position ids advance by
+one per pass (thought token ``k`` of branch ``i`` sits at position ``i + k``).
 
-The text pass runs once on ``B`` rows; its cache is then repeated for the ``n_thoughts`` thoughts of each
-row (``B * n`` rows after it, thought ``k`` of row ``b`` at row ``b * n + k``).
+The text pass runs once on ``B`` rows; its keys and values are held once (see :mod:`.attention`) and read by
+the ``n_thoughts`` thoughts of each row (``B * n`` rows after it, thought ``k`` of row ``b`` at row
+``b * n + k``), and each later pass adds only its own ``L`` keys per row, so memory grows with the pass count,
+not its square.
 
 Pass count for ``thought_length`` sampled tokens and ``n_ahead_talk`` talk steps:
 ``1 + 1 + thought_length + 1 + (n_ahead_talk - 1) = thought_length + n_ahead_talk + 2``, the reference's
@@ -23,10 +24,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from lightning_tokens.data.packing import segment_ids
-from lightning_tokens.modeling import cache_keyword, decoder_of
+from lightning_tokens.modeling import decoder_of
+from lightning_tokens.thoughts.attention import DEFAULT_QUERY_CHUNK, ThoughtPassState, thought_attention_mode
 
 
 @dataclass
@@ -84,12 +86,6 @@ def text_mask(attention_mask: Tensor, sliding_window: Optional[int] = None, segm
     return allowed | torch.eye(length, dtype=torch.bool, device=attention_mask.device)[None]
 
 
-def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """A ``(B, 1, Q, K)`` additive mask (0 where allowed, the dtype's minimum elsewhere) for sdpa and eager."""
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
-
-
 def _sliding_window(lm: PreTrainedModel, length: int) -> Optional[int]:
     window = getattr(lm.config, "sliding_window", None)
     if window is None or getattr(lm.config, "use_sliding_window", True) is False:
@@ -125,6 +121,7 @@ def parallel_thoughts(
     pad_token_id: int = 0,
     generator: Optional[torch.Generator] = None,
     position_ids: Optional[Tensor] = None,
+    query_chunk: int = DEFAULT_QUERY_CHUNK,
 ) -> ThoughtPasses:
     """Run the text pass and every thought and talk pass of Quiet-STaR for all positions at once.
 
@@ -144,6 +141,8 @@ def parallel_thoughts(
         position_ids: ``(B, L)`` position ids of a packed batch (restarting at every sample, see
             :mod:`lightning_tokens.data.packing`): every branch then reads its own sample alone. Default
             ``None``: positions from ``attention_mask``, one sample per row.
+        query_chunk: Queries per chunk of the passes' attention scores (see :mod:`.attention`). Default
+            :data:`~lightning_tokens.thoughts.attention.DEFAULT_QUERY_CHUNK`.
     """
     check_supported(lm)
     backbone, head, embed = decoder_of(lm), lm.get_output_embeddings(), lm.get_input_embeddings()
@@ -154,41 +153,34 @@ def parallel_thoughts(
     allowed = text_mask(attention_mask, _sliding_window(lm, length), segments)
     embeds = embed(input_ids)
     dtype = embeds.dtype
-    cache = DynamicCache()
+    state = ThoughtPassState(allowed, query_chunk)
 
-    def step(inputs: Tensor, mask: Tensor, position_ids: Tensor) -> Tensor:
-        out = backbone(inputs_embeds=inputs, attention_mask=additive(mask, dtype), position_ids=position_ids,
-                       use_cache=True, **{cache_keyword(backbone): cache})
-        return out.last_hidden_state
-
-    base_hidden = step(embeds, allowed, positions)
-    cache.batch_repeat_interleave(n)
-    allowed = allowed.repeat_interleave(n, 0)
-    positions = positions.repeat_interleave(n, 0)
-    eye = torch.eye(length, dtype=torch.bool, device=input_ids.device).expand(batch * n, length, length)
-
-    def thought_step(inputs: Tensor, pass_index: int) -> Tensor:
-        mask = torch.cat([allowed, *([eye] * pass_index)], dim=-1)
-        return step(inputs, mask, positions + pass_index)
+    def step(inputs: Tensor, pass_index: int) -> Tensor:
+        """Pass ``pass_index``: the text (0, ``B`` rows) or a thought or talk pass at positions ``i + k``."""
+        state.pass_index = pass_index
+        position_ids = positions if pass_index == 0 else positions.repeat_interleave(n, 0) + pass_index
+        return backbone(inputs_embeds=inputs, position_ids=position_ids, use_cache=False).last_hidden_state
 
     rows = batch * n
     thought_hidden: list[Tensor] = []
     tokens: list[Tensor] = []
-    inputs = start_embedding.to(dtype).expand(rows, length, -1)
-    for pass_index in range(1, thought_length + 2):
-        hidden = thought_step(inputs, pass_index)
-        if pass_index > thought_length:
-            break  # the last sampled token is read; <eot> comes next
-        thought_hidden.append(hidden)
-        with torch.no_grad():
-            token = sample_tokens(forbid(head(hidden), forbidden_ids), temperature, generator)
-        tokens.append(token)
-        inputs = embed(token)
-    pass_index = thought_length + 2
-    talk_hidden = [thought_step(end_embedding.to(dtype).expand(rows, length, -1), pass_index)]
-    repeated_ids = input_ids.repeat_interleave(n, 0)
-    for shift in range(1, n_ahead_talk):
-        shifted = torch.nn.functional.pad(repeated_ids[:, shift:], (0, shift), value=pad_token_id)
-        talk_hidden.append(thought_step(embed(shifted), pass_index + shift))
+    with thought_attention_mode(lm, state):
+        base_hidden = step(embeds, 0)
+        inputs = start_embedding.to(dtype).expand(rows, length, -1)
+        for pass_index in range(1, thought_length + 2):
+            hidden = step(inputs, pass_index)
+            if pass_index > thought_length:
+                break  # the last sampled token is read; <eot> comes next
+            thought_hidden.append(hidden)
+            with torch.no_grad():
+                token = sample_tokens(forbid(head(hidden), forbidden_ids), temperature, generator)
+            tokens.append(token)
+            inputs = embed(token)
+        pass_index = thought_length + 2
+        talk_hidden = [step(end_embedding.to(dtype).expand(rows, length, -1), pass_index)]
+        repeated_ids = input_ids.repeat_interleave(n, 0)
+        for shift in range(1, n_ahead_talk):
+            shifted = torch.nn.functional.pad(repeated_ids[:, shift:], (0, shift), value=pad_token_id)
+            talk_hidden.append(step(embed(shifted), pass_index + shift))
     thought_tokens = torch.stack(tokens, -1) if tokens else input_ids.new_zeros(rows, length, 0)
     return ThoughtPasses(base_hidden, thought_hidden, thought_tokens, talk_hidden, attention_mask, segments)
