@@ -112,8 +112,8 @@ class QuietSTaRModule(LightningModule):
             raise ValueError(f"QuietSTaRModule.train_on must be 'all' or 'labels', got {train_on!r}")
         self.spec = model if model is not None else ModelSpec()
         if self.spec.gradient_checkpointing:
-            raise ValueError("QuietSTaRModule: ModelSpec.gradient_checkpointing must be false (it turns off the "
-                             "KV cache every thought pass reads)")
+            raise ValueError("QuietSTaRModule: ModelSpec.gradient_checkpointing must be false (it re-runs each "
+                             "layer in the backward, outside the thought passes whose keys it needs)")
         if "flash" in (self.spec.attn_implementation or ""):
             raise ValueError(f"QuietSTaRModule: ModelSpec.attn_implementation {self.spec.attn_implementation!r} "
                              "cannot take the 4D thought mask; use 'sdpa' or 'eager'")

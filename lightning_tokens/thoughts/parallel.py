@@ -64,8 +64,8 @@ def check_supported(lm: PreTrainedModel) -> None:
                          "use ModelSpec.attn_implementation 'sdpa' or 'eager'")
     checkpointing = getattr(type(lm), "is_activation_checkpointing", None) or getattr(type(lm), "is_gradient_checkpointing", None)
     if checkpointing is not None and checkpointing.fget(lm):
-        raise ValueError("Quiet-STaR: gradient checkpointing turns the KV cache off, and every thought pass "
-                         "reads it; set ModelSpec.gradient_checkpointing to false")
+        raise ValueError("Quiet-STaR: gradient checkpointing re-runs each layer in the backward, outside the "
+                         "thought passes whose keys it needs; set ModelSpec.gradient_checkpointing to false")
 
 
 def positions_of(attention_mask: Tensor) -> Tensor:
