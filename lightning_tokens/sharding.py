@@ -133,10 +133,7 @@ def call_as_forward(module: nn.Module, function: Callable[..., Any], *args: Any)
     What ``function`` returns must hold the tensors a backward starts from in a tuple, list or dict (FSDP2 looks
     for them there), e.g. ``(loss, details)``.
     """
-    def forward(*inputs: Any) -> Any:
-        return function(*inputs)
-
-    module.forward = forward  # an instance attribute, found before the class's forward
+    module.forward = function  # an instance attribute, found before the class's forward
     try:
         return module(*args)
     finally:
@@ -229,5 +226,6 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-__all__ = ["average_gradients", "call_as_forward", "clip_mixed_gradients", "data_parallel_mesh", "full_state_dict", "full_tensor", "is_sharded", "like_shards_of", "local_shard",
-           "mixed_precision", "resharded", "shard_causal_lm", "shard_modules", "shards_with_fsdp2", "warn_if_fsdp1"]
+__all__ = ["average_gradients", "call_as_forward", "clip_mixed_gradients", "data_parallel_mesh", "full_state_dict",
+           "full_tensor", "is_sharded", "like_shards_of", "local_shard", "mixed_precision", "resharded",
+           "shard_causal_lm", "shard_modules", "shards_with_fsdp2", "warn_if_fsdp1"]
