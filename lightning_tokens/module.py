@@ -16,12 +16,12 @@ from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, extract
 from lightning_tokens.modeling import ModelSpec, base_reference, is_quantized, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups, remember_total_steps, total_training_steps
 from lightning_tokens.quantization import restore_4bit_quant_states
-from lightning_tokens.sharding import (clip_mixed_gradients, data_parallel_mesh, full_state_dict, is_sharded,
+from lightning_tokens.sharding import (ClipsMixedGradients, data_parallel_mesh, full_state_dict, is_sharded,
                                        shard_causal_lm, warn_if_fsdp1)
 from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, PlainLoss, TokenLossDispatcher
 
 
-class CausalLMModule(LightningModule):
+class CausalLMModule(ClipsMixedGradients, LightningModule):
     """Supervised fine-tuning of a causal LM (full, LoRA or QLoRA) on batches from :class:`SFTDataModule`.
 
     ``training_step`` calls the model with ``labels`` and returns ``outputs.loss``, so token-level callbacks
@@ -207,12 +207,6 @@ class CausalLMModule(LightningModule):
             # each head block is called on its own, so each is a unit of its own (its hooks gather and reduce it)
             blocks = () if heads is None else tuple(heads.blocks)
             shard_causal_lm(self.model, mesh, self.trainer.precision, blocks)
-
-    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
-                                    gradient_clip_algorithm: Optional[str] = None) -> None:
-        # Sharded weights beside ones every rank holds whole: torch's clipping cannot take both (see sharding).
-        if not clip_mixed_gradients(self, gradient_clip_val, gradient_clip_algorithm):
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)

@@ -201,6 +201,17 @@ def clip_mixed_gradients(module: nn.Module, clip_value: Optional[float], algorit
     return True
 
 
+class ClipsMixedGradients:
+    """LightningModule mixin (listed before ``LightningModule``): ``configure_gradient_clipping`` clips through
+    :func:`clip_mixed_gradients` when sharded and whole parameters train together, and leaves the rest to
+    Lightning."""
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        if not clip_mixed_gradients(self, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` whole on the CPU: gathered from every rank for a DTensor (then every rank must call it)."""
     return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().cpu()
@@ -226,6 +237,6 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-__all__ = ["average_gradients", "call_as_forward", "clip_mixed_gradients", "data_parallel_mesh", "full_state_dict",
-           "full_tensor", "is_sharded", "like_shards_of", "local_shard", "mixed_precision", "resharded",
-           "shard_causal_lm", "shard_modules", "shards_with_fsdp2", "warn_if_fsdp1"]
+__all__ = ["ClipsMixedGradients", "average_gradients", "call_as_forward", "clip_mixed_gradients",
+           "data_parallel_mesh", "full_state_dict", "full_tensor", "is_sharded", "like_shards_of", "local_shard",
+           "mixed_precision", "resharded", "shard_causal_lm", "shard_modules", "shards_with_fsdp2", "warn_if_fsdp1"]

@@ -14,7 +14,7 @@ from lightning_tokens.heads.heads import Architecture, MultiTokenHeads, capture_
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
-from lightning_tokens.sharding import (average_gradients, clip_mixed_gradients, data_parallel_mesh, full_state_dict,
+from lightning_tokens.sharding import (ClipsMixedGradients, average_gradients, data_parallel_mesh, full_state_dict,
                                        shard_modules, warn_if_fsdp1)
 
 
@@ -23,7 +23,7 @@ def stage1_optimizer() -> OptimizerConfig:
     return OptimizerConfig(name="adamw8bit", lr=1e-4, warmup=300, schedule="cosine")
 
 
-class MultiTokenHeadsModule(LightningModule):
+class MultiTokenHeadsModule(ClipsMixedGradients, LightningModule):
     """Train :class:`MultiTokenHeads` on a frozen causal LM with ``sum_k gamma^k CE_k`` (main head excluded).
 
     The base model, its final norm and ``lm_head`` stay frozen and in eval mode (bit-identical after
@@ -127,12 +127,6 @@ class MultiTokenHeadsModule(LightningModule):
         mesh = data_parallel_mesh(self)
         if mesh is not None and self.heads.unembeddings is not None:
             average_gradients(self.heads.unembeddings.parameters(), mesh)
-
-    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
-                                    gradient_clip_algorithm: Optional[str] = None) -> None:
-        # Sharded weights beside ones every rank holds whole: torch's clipping cannot take both (see sharding).
-        if not clip_mixed_gradients(self, gradient_clip_val, gradient_clip_algorithm):
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.heads.named_parameters(), self.optim.weight_decay)

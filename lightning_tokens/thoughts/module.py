@@ -17,7 +17,7 @@ from lightning_tokens.data.reasoning_task import check_answer
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
 from lightning_tokens.quantization import restore_4bit_quant_states
-from lightning_tokens.sharding import (average_gradients, call_as_forward, clip_mixed_gradients, data_parallel_mesh,
+from lightning_tokens.sharding import (ClipsMixedGradients, average_gradients, call_as_forward, data_parallel_mesh,
                                        full_state_dict, is_sharded, shard_causal_lm, warn_if_fsdp1)
 from lightning_tokens.thoughts.generate import ThoughtfulOutput, thoughtful_generate
 from lightning_tokens.thoughts.heads import MixingHead, ThoughtEmbeddings
@@ -29,7 +29,7 @@ from lightning_tokens.thoughts.parallel import check_supported, parallel_thought
 PAPER_OPTIMIZER = OptimizerConfig(lr=1e-6, weight_decay=0.001, warmup=20, schedule="constant")
 
 
-class QuietSTaRModule(LightningModule):
+class QuietSTaRModule(ClipsMixedGradients, LightningModule):
     """Quiet-STaR (Zelikman et al., 2024): the model learns to think before every token from plain text.
 
     After every position the model samples ``n_thoughts`` thoughts ``<sot> t_1 .. t_m <eot>`` in parallel
@@ -152,10 +152,14 @@ class QuietSTaRModule(LightningModule):
         A packed batch (``position_ids`` restarting at every sample, no ``attention_mask``) is thought about
         sample by sample: no thought or talk step reads or predicts another sample's tokens.
         """
-        if is_sharded(self.model):  # the passes call the model's pieces: FSDP2 gathers its root around them
-            return call_as_forward(self.model, self._quiet_star, input_ids, attention_mask, labels, temperature,
-                                   position_ids)[1]
-        return self._quiet_star(input_ids, attention_mask, labels, temperature, position_ids)[1]
+        return self._gathered(self._quiet_star, input_ids, attention_mask, labels, temperature, position_ids)[1]
+
+    def _gathered(self, function: Any, *args: Any) -> Any:
+        """``function(*args)``; for a model sharded by FSDP2, run as its forward (the passes and generation call
+        the model's pieces, and FSDP2 gathers its root around them)."""
+        if is_sharded(self.model):
+            return call_as_forward(self.model, function, *args)
+        return function(*args)
 
     def _quiet_star(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
                     temperature: Optional[float], position_ids: Optional[Tensor]) -> tuple[Tensor, QuietSTaRLoss]:
@@ -234,9 +238,7 @@ class QuietSTaRModule(LightningModule):
             return (thoughtful_generate(self.model, self.mixing_head, start, end, self.forbidden_ids, input_ids,
                                         attention_mask, **options),)
 
-        if is_sharded(self.model):  # every rank generates, the sharded model gathered around it
-            return call_as_forward(self.model, generate, input_ids, attention_mask)[0]
-        return generate(input_ids, attention_mask)[0]
+        return self._gathered(generate, input_ids, attention_mask)[0]  # sharded: every rank generates
 
     # -- optimisation and export -----------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -258,12 +260,6 @@ class QuietSTaRModule(LightningModule):
         mesh = data_parallel_mesh(self)
         if mesh is not None and is_sharded(self.model):
             average_gradients([*self.mixing_head.parameters(), *self.thought_embeddings.parameters()], mesh)
-
-    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
-                                    gradient_clip_algorithm: Optional[str] = None) -> None:
-        # Sharded weights beside ones every rank holds whole: torch's clipping cannot take both (see sharding).
-        if not clip_mixed_gradients(self, gradient_clip_val, gradient_clip_algorithm):
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
