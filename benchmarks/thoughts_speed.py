@@ -4,11 +4,14 @@ over the whole sequence for each emitted token).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/thoughts_speed.py            # CPU, tiny Llama
     .venv/bin/python benchmarks/thoughts_speed.py --device cuda --hidden 1024 --layers 8 --batch 8 --length 256
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/thoughts_speed.py --think-at 0.25 --new-tokens 0   # a quarter of the positions
 
 Memory is reported two ways: bytes of tensors autograd keeps for backward (any device; unique storages)
 and, on CUDA, the peak allocated memory of the step. The pass count the algorithm implies, in token-passes
 relative to one plain forward: ``1 + n_thoughts * (thought_length + n_ahead_talk + 1)`` (the text pass
-runs once, the thought and talk passes on ``n_thoughts`` copies of the batch).
+runs once, the thought and talk passes on ``n_thoughts`` copies of the batch). With ``--think-at`` (a number of
+positions per row, or a share) the thought and talk passes run on the chosen positions alone, and the implied
+count scales their part by the share of positions chosen. ``--new-tokens 0`` skips generation.
 """
 
 from __future__ import annotations
@@ -96,13 +99,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--think-at", default="all", help="'all', a number of positions per row, or a share (0.25)")
     args = parser.parse_args()
+    think_at = args.think_at if args.think_at == "all" else (float(args.think_at) if "." in args.think_at
+                                                              else int(args.think_at))
 
     config = {"model_type": args.model_type, "hidden_size": args.hidden, "num_hidden_layers": args.layers,
               "intermediate_size": args.hidden * 11 // 4, "num_attention_heads": max(1, args.hidden // 32),
               "num_key_value_heads": max(1, args.hidden // 64)}
     module = QuietSTaRModule(ModelSpec(config=config), n_thoughts=args.n_thoughts, thought_length=args.thought_length,
-                             n_ahead_talk=args.talk).to(args.device)
+                             n_ahead_talk=args.talk, think_at=think_at).to(args.device)
     with torch.no_grad():
         torch.nn.init.normal_(module.mixing_head.net[-1].weight, std=0.1)
     vocab = module.start_id
@@ -126,16 +132,23 @@ def main() -> None:
     s_plain = saved_bytes(lambda: module.model(input_ids=ids, attention_mask=mask, labels=ids).loss)
     s_quiet = saved_bytes(lambda: module.quiet_star(ids, mask).loss)
     p_plain, p_quiet = peak(plain_step, args.device), peak(quiet_step, args.device)
-    implied = 1 + args.n_thoughts * (args.thought_length + args.talk + 1)
+    if think_at == "all":
+        share = 1.0
+    else:
+        share = min(think_at, args.length - 1) / args.length if isinstance(think_at, int) else think_at
+    implied = 1 + args.n_thoughts * (args.thought_length + args.talk + 1) * share
     print(f"# device={args.device} {args.model_type} hidden={args.hidden} layers={args.layers} batch={args.batch} "
-          f"length={args.length} n_thoughts={args.n_thoughts} thought_length={args.thought_length} talk={args.talk}")
+          f"length={args.length} n_thoughts={args.n_thoughts} thought_length={args.thought_length} talk={args.talk} "
+          f"think_at={think_at}")
     print("| training step | plain LM | Quiet-STaR | ratio | implied by pass count |")
     print("|---|---|---|---|---|")
-    print(f"| time (s) | {t_plain:.4f} | {t_quiet:.4f} | {t_quiet / t_plain:.1f}x | {implied}x token-passes |")
+    print(f"| time (s) | {t_plain:.4f} | {t_quiet:.4f} | {t_quiet / t_plain:.1f}x | {implied:.1f}x token-passes |")
     print(f"| saved for backward (MiB) | {s_plain / 2**20:.1f} | {s_quiet / 2**20:.1f} | {s_quiet / s_plain:.1f}x | |")
     if args.device == "cuda":
         print(f"| peak CUDA memory (MiB) | {p_plain / 2**20:.1f} | {p_quiet / 2**20:.1f} | {p_quiet / p_plain:.1f}x | |")
 
+    if args.new_tokens == 0:
+        return
     module.eval()
     prompt = ids[: max(1, args.batch // 2), : args.prompt]
     rows, n = prompt.shape[0], args.new_tokens

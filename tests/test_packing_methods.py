@@ -242,14 +242,16 @@ def quiet_star_module(model_type: str, lora: bool):
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 
 
+@pytest.mark.parametrize("think_at", ["all", 1.0])
 @pytest.mark.parametrize("train_on", ["all", "labels"])
 @pytest.mark.parametrize("model_type,lora", [("llama", False), ("gpt2", False), ("qwen2", True)])
-def test_quiet_star_thinks_about_each_packed_sample_alone(model_type, lora, train_on):
-    """Greedy thoughts (temperature 0) make the passes deterministic: every term and gradient then matches."""
+def test_quiet_star_thinks_about_each_packed_sample_alone(model_type, lora, train_on, think_at):
+    """Greedy thoughts (temperature 0) make the passes deterministic: every term and gradient then matches (with
+    ``think_at=1.0`` a packed row thinks at its samples' candidate positions alone, and every one of them)."""
     results = []
     for batch in (padded(SAMPLES, "right"), packed(SAMPLES)):
         module = quiet_star_module(model_type, lora)
-        module.train_on = train_on
+        module.train_on, module.think_at = train_on, think_at
         module.train()
         out = module.quiet_star(batch["input_ids"], batch.get("attention_mask"), batch["labels"], temperature=0.0,
                                 position_ids=batch.get("position_ids"))

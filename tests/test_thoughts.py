@@ -115,8 +115,9 @@ def test_thought_sampling_is_an_exact_sample_of_the_softmax():
     assert sample_tokens(logits.expand(3, -1), 0.0).tolist() == [0, 0, 0]
 
 
-def reference_loss(module, passes, ids, mask, targets, base_weight, policy_weight, temperature):
-    """The Quiet-STaR loss written position by position, mixing logits (not hidden states)."""
+def reference_loss(module, passes, ids, mask, targets, base_weight, policy_weight, temperature, chosen=None):
+    """The Quiet-STaR loss written position by position, mixing logits (not hidden states); with ``chosen``
+    (``(B, L)`` bool), only the branches at chosen positions think (every target still counts in the base NLL)."""
     head, forbidden = module.lm.get_output_embeddings(), module.forbidden_ids
     n, batch_size, length = N_THOUGHTS, ids.shape[0], ids.shape[1]
 
@@ -134,8 +135,8 @@ def reference_loss(module, passes, ids, mask, targets, base_weight, policy_weigh
         for i in range(length):
             if targets[b, i] >= 0:
                 base_terms.append(-base_lp[b, i, targets[b, i]])
-            if not mask[b, i]:
-                continue  # a branch at a padding position is no thought
+            if not mask[b, i] or (chosen is not None and not chosen[b, i]):
+                continue  # a branch at a padding position (or one not chosen) is no thought
             for k in range(n):
                 row = b * n + k
                 total, complete = 0.0, True

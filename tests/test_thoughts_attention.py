@@ -38,9 +38,10 @@ def dense_reference(query, text_key, text_value, allowed, keys, values, scaling)
     return torch.softmax(scores, -1) @ all_values
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize("chunk,fused", [(1, False), (3, False), (64, False), (64, True)])
 @pytest.mark.parametrize("kv_heads,groups,n,passes", [(2, 3, 2, 3), (1, 1, 1, 1), (4, 1, 2, 2)])
-def test_two_part_attention_equals_dense_attention_and_its_gradients(chunk, kv_heads, groups, n, passes):
+def test_two_part_attention_equals_dense_attention_and_its_gradients(chunk, fused, kv_heads, groups, n, passes):
+    """Both paths: the einsum chunks (any device, dropout) and PyTorch's fused CPU kernel for the text part."""
     generator = torch.Generator().manual_seed(kv_heads * 10 + passes)
     batch, length, dim = 2, 7, 4
 
@@ -54,7 +55,7 @@ def test_two_part_attention_equals_dense_attention_and_its_gradients(chunk, kv_h
     allowed = torch.rand(batch, length, length, generator=generator) > 0.4
     allowed[0, 2] = False  # a query reading no text key at all: its own window still holds its own key
     inputs = [query, text_key, text_value, *keys, *values]
-    out = two_part_attention(query, text_key, text_value, allowed, keys, values, 0.5, chunk)
+    out = two_part_attention(query, text_key, text_value, allowed, keys, values, 0.5, chunk, fused=fused)
     expected = dense_reference(query, text_key, text_value, allowed, keys, values, 0.5)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
     grad = torch.randn(out.shape, generator=generator, dtype=torch.float64)
@@ -74,8 +75,9 @@ def test_two_part_attention_keeps_the_dtype_and_needs_a_window():
 # -- the whole passes against the growing-cache implementation they replace ------------------------------------
 def cached_parallel_thoughts(lm, input_ids, attention_mask, start_embedding, end_embedding, forbidden_ids,
                              n_thoughts, thought_length, n_ahead_talk, temperature=1.0, pad_token_id=0,
-                             generator=None, position_ids=None):
+                             generator=None, position_ids=None, think_at="all", candidates=None):
     """The passes on one DynamicCache that grows by ``L`` keys per pass, with 4D masks ``[text | I | ... | I]``."""
+    assert think_at == "all"  # every position thinks here
     backbone, head, embed = decoder_of(lm), lm.get_output_embeddings(), lm.get_input_embeddings()
     batch, length = input_ids.shape
     n = n_thoughts

@@ -39,10 +39,11 @@ def snapshot(module: QuietSTaRModule) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
-@pytest.mark.parametrize("quantization", [None, "nf4"])
-def test_training_under_lora_and_qlora_moves_adapters_head_and_thought_tokens(tmp_path, quantization):
+@pytest.mark.parametrize("quantization,think_at", [(None, "all"), ("nf4", "all"), ("nf4", 0.3)])
+def test_training_under_lora_and_qlora_moves_adapters_head_and_thought_tokens(tmp_path, quantization, think_at):
     spec = ModelSpec(config=tiny_config("llama"), lora={"r": 4, "lora_alpha": 8}, quantization=quantization)
-    module = QuietSTaRModule(spec, optimizer=OptimizerConfig(lr=1e-2, warmup=0), policy_weight=1.0, **SMALL)
+    module = QuietSTaRModule(spec, optimizer=OptimizerConfig(lr=1e-2, warmup=0), policy_weight=1.0, think_at=think_at,
+                             **SMALL)
     assert is_quantized(module.model) == (quantization is not None)
     with torch.no_grad():
         torch.nn.init.normal_(module.mixing_head.net[-1].weight, std=0.1)

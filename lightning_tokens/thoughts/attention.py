@@ -25,6 +25,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_tokens.thoughts.fused_attention import fused_kernel_applies, fused_two_part_attention
+
 #: The name the thought attention is registered under in transformers' attention interfaces.
 IMPLEMENTATION = "lightning_tokens_thoughts"
 
@@ -173,7 +175,7 @@ def _two_part_backward(query, text_key, text_value, allowed, keys, values, out, 
 def two_part_attention(query: Tensor, text_key: Tensor, text_value: Tensor, allowed: Tensor,
                        window_keys: list[Tensor], window_values: list[Tensor], scaling: float,
                        chunk: int = DEFAULT_QUERY_CHUNK, dropout: float = 0.0,
-                       generator: Optional[torch.Generator] = None) -> Tensor:
+                       generator: Optional[torch.Generator] = None, fused: bool = True) -> Tensor:
     """Attention of thought queries over the text's keys (where ``allowed``) and their own window (see
     :class:`TwoPartAttention` for shapes). The window must hold at least the query's own current key.
 
@@ -183,9 +185,13 @@ def two_part_attention(query: Tensor, text_key: Tensor, text_value: Tensor, allo
         chunk: Queries per chunk of the scores. Default :data:`DEFAULT_QUERY_CHUNK`.
         dropout: Dropout probability on the attention probabilities. Default ``0.0``.
         generator: Where the dropout masks' seed is drawn from. Default ``None``: the global generator.
+        fused: On the CPU without dropout, run the text part in PyTorch's fused attention kernel
+            (:mod:`.fused_attention`); ``chunk`` then does not apply. Default ``True``.
     """
     if not window_keys or len(window_keys) != len(window_values):
         raise ValueError("two_part_attention: the window needs as many keys as values, and at least one")
+    if fused and fused_kernel_applies(query, dropout):
+        return fused_two_part_attention(query, text_key, text_value, allowed, window_keys, window_values, scaling)
     seed = int(torch.randint(0, 2**62, (), generator=generator)) if dropout else 0
     settings = _Settings(float(scaling), int(chunk), float(dropout), seed)
     return TwoPartAttention.apply(query, text_key, text_value, allowed, settings, *window_keys, *window_values)
@@ -198,6 +204,8 @@ class ThoughtPassState:
 
     Attributes:
         allowed: ``(B, L, L)`` bool text mask (query ``i`` may read text key ``j``).
+        query_allowed: ``(B, P, L)`` the rows of ``allowed`` of the positions the thought passes run at, when not
+            every position thinks (``think_at``). Default ``None``: ``allowed``.
         chunk: Queries per chunk of the score computation.
         pass_index: The pass running now: 0 is the text pass (``B`` rows), later ones are thought and talk
             passes (``B * n`` rows).
@@ -207,6 +215,7 @@ class ThoughtPassState:
 
     allowed: Tensor
     chunk: int = DEFAULT_QUERY_CHUNK
+    query_allowed: Optional[Tensor] = None
     pass_index: int = 0
     text: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     window: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
@@ -231,7 +240,8 @@ def _thought_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     else:
         window = state.window.setdefault(layer, [])
         window.append((key, value))
-        out = two_part_attention(query, *state.text[layer], state.allowed, [k for k, _ in window],
+        allowed = state.allowed if state.query_allowed is None else state.query_allowed
+        out = two_part_attention(query, *state.text[layer], allowed, [k for k, _ in window],
                                  [v for _, v in window], scaling, state.chunk, dropout)
     return out.transpose(1, 2).contiguous(), None
 

@@ -141,31 +141,34 @@ def quiet_star_loss(
     base_ce = checkpoint(token_nll, passes.base_hidden, targets, use_reentrant=False)
     base_nll = _masked_mean(base_ce, valid)
 
-    rows_targets = targets.repeat_interleave(n, 0)
-    if passes.attention_mask is not None:
-        branch_real = passes.attention_mask.bool().repeat_interleave(n, 0)
-    else:
-        branch_real = torch.ones_like(rows_targets, dtype=torch.bool)
+    def at_branches(values: Tensor, shift: int, fill: float | int) -> Tensor:
+        """``values (B, L, ...)`` at each thought branch's position plus ``shift``: ``(B * n, P, ...)``."""
+        if passes.positions is None:
+            return shift_left(values, shift, fill).repeat_interleave(n, 0)
+        return passes.positions.take(values, shift, fill).repeat_interleave(n, 0)
+
+    mask = passes.attention_mask if passes.attention_mask is not None else torch.ones_like(targets)
+    branch_real = at_branches(mask.bool(), 0, False)
+    if passes.positions is not None:
+        branch_real &= passes.positions.valid.repeat_interleave(n, 0)
     if passes.segments is not None:
-        rows_segments = passes.segments.repeat_interleave(n, 0)
-    rows_base_hidden = passes.base_hidden.repeat_interleave(n, 0)
-    rows_base_ce = base_ce.detach().repeat_interleave(n, 0)
+        rows_segments = at_branches(passes.segments, 0, -1)
     step_nlls, weights, weight_masks = [], [], []
-    reward = torch.zeros_like(rows_base_ce)
-    reward_valid = torch.ones_like(rows_targets, dtype=torch.bool)
+    reward = torch.zeros(branch_real.shape, dtype=base_ce.dtype, device=base_ce.device)
+    reward_valid = torch.ones_like(branch_real)
     first_mixed_ce = None
     for shift, talk in enumerate(passes.talk_hidden):
-        tgt = shift_left(rows_targets, shift, IGNORE_INDEX)
+        tgt = at_branches(targets, shift, IGNORE_INDEX)
         step_valid = (tgt != IGNORE_INDEX) & branch_real
         if passes.segments is not None:  # a talk step that ran into the next sample of a packed row predicts nothing
-            step_valid &= shift_left(rows_segments, shift, -1) == rows_segments
-        base = shift_left(rows_base_hidden, shift, 0.0)
+            step_valid &= at_branches(passes.segments, shift, -1) == rows_segments
+        base = at_branches(passes.base_hidden, shift, 0.0)
         ce, weight = checkpoint(mixed_nll, base, talk, tgt, use_reentrant=False)
         if step_valid.any():
             step_nlls.append(_masked_mean(ce, step_valid))
         weights.append(weight)
         weight_masks.append(step_valid)
-        reward = reward + (shift_left(rows_base_ce, shift, 0.0) - ce.detach())
+        reward = reward + (at_branches(base_ce.detach(), shift, 0.0) - ce.detach())
         reward_valid &= step_valid
         if first_mixed_ce is None:
             first_mixed_ce = ce.detach()
@@ -185,8 +188,11 @@ def quiet_star_loss(
         policy = total / (reward_valid.sum() * sampled)
     loss = nll + policy_weight * policy
 
-    difficult_base, difficult_mixed = _difficult(base_ce.detach(), first_mixed_ce.view(-1, n, valid.shape[-1]).mean(1),
-                                                 valid, difficult_fraction)
+    first_mixed_ce = first_mixed_ce.view(-1, n, first_mixed_ce.shape[-1]).mean(1)
+    if passes.positions is not None:  # the difficult tokens are counted among the positions thought at
+        first_mixed_ce = passes.positions.scatter(first_mixed_ce, valid.shape[-1])
+        valid = valid & passes.positions.scatter(passes.positions.valid, valid.shape[-1], False)
+    difficult_base, difficult_mixed = _difficult(base_ce.detach(), first_mixed_ce, valid, difficult_fraction)
     mixing_weight = _masked_mean(torch.stack(weights).detach(), torch.stack(weight_masks))
     return QuietSTaRLoss(
         loss=loss, nll=nll.detach(), base_nll=base_nll.detach(), mixed_nll=mixed.detach(),

@@ -23,6 +23,7 @@ from lightning_tokens.thoughts.generate import ThoughtfulOutput, thoughtful_gene
 from lightning_tokens.thoughts.heads import MixingHead, ThoughtEmbeddings
 from lightning_tokens.thoughts.loss import QuietSTaRLoss, next_token_targets, quiet_star_loss
 from lightning_tokens.thoughts.parallel import check_supported, parallel_thoughts
+from lightning_tokens.thoughts.positions import ThinkAt, check_think_at, thought_candidates
 
 #: The paper's optimiser: AdamW at 1e-6, weight decay 0.001, 20 warm-up steps (then constant: the
 #: reference's linear decay over 100k steps is flat over its ~100 steps).
@@ -76,6 +77,13 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
         generation_batches: Validation batches scored by thoughtful generation. Default ``1``; ``0`` turns
             it off, ``None`` scores all.
         difficult_fraction: Share of targets, highest base loss first, logged as difficult. Default ``0.1``.
+        think_at: Where thoughts are sampled in training and validation (see :mod:`lightning_tokens.thoughts.positions`):
+            ``"all"`` positions (the paper); an ``int`` ``k``: the ``k`` positions per row whose next token the
+            model without thoughts is least sure of (highest entropy); a ``float`` ``s`` in (0, 1]: that share of
+            each row's positions. The thought and talk passes run on the chosen positions alone, so their cost
+            scales with them. The mixed NLL, reward, REINFORCE term and difficult-token NLLs are taken over the
+            chosen positions; the base NLL stays over every target (the text pass reads them all anyway).
+            Thoughtful generation still thinks before every token. Default ``"all"``.
     """
 
     def __init__(
@@ -98,6 +106,7 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
         max_new_tokens: int = 32,
         generation_batches: Optional[int] = 1,
         difficult_fraction: float = 0.1,
+        think_at: ThinkAt = "all",
     ) -> None:
         super().__init__()
         _check_positive(n_thoughts=n_thoughts, thought_length=thought_length, n_ahead_talk=n_ahead_talk,
@@ -122,6 +131,7 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
         self.base_loss_weight, self.policy_weight = base_loss_weight, policy_weight
         self.reinforce_temperature, self.thought_temperature = reinforce_temperature, thought_temperature
         self.train_on, self.difficult_fraction = train_on, difficult_fraction
+        self.think_at = check_think_at(think_at, "QuietSTaRModule.think_at")
         self.max_new_tokens, self.generation_batches = max_new_tokens, generation_batches
         self.save_hyperparameters()
 
@@ -173,14 +183,15 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
             else:
                 segments = segment_ids(position_ids)
                 attention_mask = real_tokens(segments).long()
+        targets = next_token_targets(input_ids, attention_mask, labels if self.train_on == "labels" else None, segments)
         start, end = self.thought_embeddings()
         passes = parallel_thoughts(
             lm, input_ids, attention_mask, start, end,
             self.forbidden_ids, self.n_thoughts, self.thought_length, self.n_ahead_talk,
             temperature=self.thought_temperature if temperature is None else temperature,
             pad_token_id=self.tokenizer.pad_token_id or 0, position_ids=position_ids if segments is not None else None,
+            think_at=self.think_at, candidates=thought_candidates(targets, self.n_ahead_talk, segments),
         )
-        targets = next_token_targets(input_ids, attention_mask, labels if self.train_on == "labels" else None, segments)
         out = quiet_star_loss(passes, lm.get_output_embeddings(), self.mixing_head, targets, self.forbidden_ids,
                               self.n_thoughts, self.base_loss_weight, self.policy_weight,
                               self.reinforce_temperature, self.difficult_fraction)

@@ -29,23 +29,27 @@ from transformers import PreTrainedModel
 from lightning_tokens.data.packing import segment_ids
 from lightning_tokens.modeling import decoder_of
 from lightning_tokens.thoughts.attention import DEFAULT_QUERY_CHUNK, ThoughtPassState, thought_attention_mode
+from lightning_tokens.thoughts.positions import ThinkAt, ThoughtPositions, choose_positions, next_token_entropy
 
 
 @dataclass
 class ThoughtPasses:
-    """Hidden states of one parallel thought forward (``n`` = thoughts per row, ``d`` = hidden size).
+    """Hidden states of one parallel thought forward (``n`` = thoughts per row, ``d`` = hidden size, ``P`` = thought
+    positions per row: ``L``, or the number chosen by ``think_at``).
 
     Attributes:
         base_hidden: ``(B, L, d)`` final hidden states of the text pass (position ``i`` predicts ``x_i+1``).
-        thought_hidden: ``thought_length`` tensors ``(B * n, L, d)``: the states thought token ``k`` was
+        thought_hidden: ``thought_length`` tensors ``(B * n, P, d)``: the states thought token ``k`` was
             sampled from (after ``<sot>``, ``t_1``, ...).
-        thought_tokens: ``(B * n, L, thought_length)`` sampled thought tokens (detached).
-        talk_hidden: ``n_ahead_talk`` tensors ``(B * n, L, d)``: talk step ``s`` at position ``i`` predicts
+        thought_tokens: ``(B * n, P, thought_length)`` sampled thought tokens (detached).
+        talk_hidden: ``n_ahead_talk`` tensors ``(B * n, P, d)``: talk step ``s`` at position ``i`` predicts
             ``x_i+1+s`` after the thought (step 0 follows ``<eot>``, step ``s`` has read ``x_i+1..x_i+s``).
         attention_mask: ``(B, L)`` the batch's padding mask: only branches at real positions are thoughts.
             Default ``None``: no padding.
         segments: ``(B, L)`` sample number of each position of a packed batch, or ``None``: a talk step then
             never predicts a token of the next sample. Default ``None``.
+        positions: The positions thought at (slot ``p`` of every ``(B * n, P)`` tensor is position
+            ``positions.index[b, p]``), or ``None``: every position, slot ``i`` being position ``i``. Default ``None``.
     """
 
     base_hidden: Tensor
@@ -54,6 +58,7 @@ class ThoughtPasses:
     talk_hidden: list[Tensor]
     attention_mask: Optional[Tensor] = None
     segments: Optional[Tensor] = None
+    positions: Optional[ThoughtPositions] = None
 
 
 def check_supported(lm: PreTrainedModel) -> None:
@@ -122,6 +127,8 @@ def parallel_thoughts(
     generator: Optional[torch.Generator] = None,
     position_ids: Optional[Tensor] = None,
     query_chunk: int = DEFAULT_QUERY_CHUNK,
+    think_at: ThinkAt = "all",
+    candidates: Optional[Tensor] = None,
 ) -> ThoughtPasses:
     """Run the text pass and every thought and talk pass of Quiet-STaR for all positions at once.
 
@@ -143,6 +150,9 @@ def parallel_thoughts(
             ``None``: positions from ``attention_mask``, one sample per row.
         query_chunk: Queries per chunk of the passes' attention scores (see :mod:`.attention`). Default
             :data:`~lightning_tokens.thoughts.attention.DEFAULT_QUERY_CHUNK`.
+        think_at: Where to think (see :mod:`.positions`): ``"all"`` positions, or per row the ``int`` number or
+            ``float`` share of ``candidates`` with the highest next-token entropy of the text pass. Default ``"all"``.
+        candidates: ``(B, L)`` bool positions ``think_at`` may choose. Default ``None``: every real position.
     """
     check_supported(lm)
     backbone, head, embed = decoder_of(lm), lm.get_output_embeddings(), lm.get_input_embeddings()
@@ -154,11 +164,13 @@ def parallel_thoughts(
     embeds = embed(input_ids)
     dtype = embeds.dtype
     state = ThoughtPassState(allowed, query_chunk)
+    chosen: Optional[ThoughtPositions] = None
+    branch_positions = positions
 
     def step(inputs: Tensor, pass_index: int) -> Tensor:
         """Pass ``pass_index``: the text (0, ``B`` rows) or a thought or talk pass at positions ``i + k``."""
         state.pass_index = pass_index
-        position_ids = positions if pass_index == 0 else positions.repeat_interleave(n, 0) + pass_index
+        position_ids = positions if pass_index == 0 else branch_positions.repeat_interleave(n, 0) + pass_index
         return backbone(inputs_embeds=inputs, position_ids=position_ids, use_cache=False).last_hidden_state
 
     rows = batch * n
@@ -166,7 +178,13 @@ def parallel_thoughts(
     tokens: list[Tensor] = []
     with thought_attention_mode(lm, state):
         base_hidden = step(embeds, 0)
-        inputs = start_embedding.to(dtype).expand(rows, length, -1)
+        if think_at != "all":
+            entropy = next_token_entropy(head, base_hidden, forbidden_ids)
+            chosen = choose_positions(entropy, attention_mask.bool() if candidates is None else candidates, think_at)
+            branch_positions = chosen.take(positions)
+            state.query_allowed = chosen.take(allowed)
+        slots = length if chosen is None else chosen.index.shape[1]
+        inputs = start_embedding.to(dtype).expand(rows, slots, -1)
         for pass_index in range(1, thought_length + 2):
             hidden = step(inputs, pass_index)
             if pass_index > thought_length:
@@ -177,10 +195,12 @@ def parallel_thoughts(
             tokens.append(token)
             inputs = embed(token)
         pass_index = thought_length + 2
-        talk_hidden = [step(end_embedding.to(dtype).expand(rows, length, -1), pass_index)]
-        repeated_ids = input_ids.repeat_interleave(n, 0)
+        talk_hidden = [step(end_embedding.to(dtype).expand(rows, slots, -1), pass_index)]
         for shift in range(1, n_ahead_talk):
-            shifted = torch.nn.functional.pad(repeated_ids[:, shift:], (0, shift), value=pad_token_id)
-            talk_hidden.append(step(embed(shifted), pass_index + shift))
-    thought_tokens = torch.stack(tokens, -1) if tokens else input_ids.new_zeros(rows, length, 0)
-    return ThoughtPasses(base_hidden, thought_hidden, thought_tokens, talk_hidden, attention_mask, segments)
+            if chosen is None:
+                shifted = torch.nn.functional.pad(input_ids[:, shift:], (0, shift), value=pad_token_id)
+            else:
+                shifted = chosen.take(input_ids, shift, pad_token_id)
+            talk_hidden.append(step(embed(shifted.repeat_interleave(n, 0)), pass_index + shift))
+    thought_tokens = torch.stack(tokens, -1) if tokens else input_ids.new_zeros(rows, slots, 0)
+    return ThoughtPasses(base_hidden, thought_hidden, thought_tokens, talk_hidden, attention_mask, segments, chosen)
