@@ -27,10 +27,11 @@ run() {  # run SECONDS NAME COMMAND...
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), 'torch', torch.__version__)" || exit 1
 
 run 60  "loss memory (lean per-token loss)" "$PYTHON" benchmarks/loss_memory.py --device cuda --dtype bfloat16 --steps 5
-run 130 "QLoRA config memory and tokens/s" "$PYTHON" benchmarks/qlora_gpu.py --steps 15 --warmup 3
-run 120 "ssToken history options (base, precomputed, ...)" "$PYTHON" benchmarks/selection_bench.py --size 1.5b --batch 4 --length 1024 --steps 5
+run 105 "QLoRA config memory and tokens/s" "$PYTHON" benchmarks/qlora_gpu.py --steps 15 --warmup 3
+run 100 "ssToken history options (base, precomputed, ...)" "$PYTHON" benchmarks/selection_bench.py --size 1.5b --batch 4 --length 1024 --steps 5
 run 45  "CAFT heads memory" "$PYTHON" benchmarks/heads_memory.py --device cuda --repeats 3
 run 75  "Quiet-STaR step and generation" "$PYTHON" benchmarks/thoughts_speed.py --device cuda --hidden 1024 --layers 8 --batch 8 --length 256 --prompt 64 --new-tokens 32 --repeats 3
+run 45  "Quiet-STaR thoughtful generation: slot cache vs plain and naive re-run" "$PYTHON" benchmarks/thoughts_generate.py --device cuda --hidden 1024 --layers 4 --batch 8 --new-tokens 16 --naive-tokens 4 --compile 256
 run 60  "budget guidance overhead" "$PYTHON" benchmarks/budget_speed.py --qwen-shaped --new-tokens 128 --repeats 3
 run 30  "packing: real tokens/s packed vs padded" "$PYTHON" benchmarks/packing_speed.py --device cuda --dtype bfloat16 --hidden 1024 --layers 8 --steps 8
 

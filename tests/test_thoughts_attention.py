@@ -83,7 +83,7 @@ def cached_parallel_thoughts(lm, input_ids, attention_mask, start_embedding, end
     n = n_thoughts
     segments = None if position_ids is None else parallel.segment_ids(position_ids)
     positions = parallel.positions_of(attention_mask) if position_ids is None else position_ids
-    allowed = parallel.text_mask(attention_mask, parallel._sliding_window(lm, length), segments)
+    allowed = parallel.text_mask(attention_mask, parallel.sliding_window(lm, length), segments)
     embeds = embed(input_ids)
     dtype = embeds.dtype
     cache = DynamicCache()

@@ -3,7 +3,7 @@
 - :class:`QuietSTaRModule`: the LightningModule (continued pretraining with thoughts).
 - :func:`parallel_thoughts`: every position's thoughts in one pass per token, on a KV cache (4D mask).
 - :func:`quiet_star_loss`: the paper's NLL + REINFORCE loss.
-- :func:`thoughtful_generate`: think on the KV cache, mix, emit, crop.
+- :func:`thoughtful_generate`: think on a KV cache allocated once, mix, emit; the next token overwrites the thought.
 """
 
 from lightning_tokens.thoughts.generate import ThoughtfulOutput, thoughtful_generate

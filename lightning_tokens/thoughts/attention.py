@@ -25,7 +25,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_tokens.thoughts.fused_attention import fused_kernel_applies, fused_two_part_attention
+from lightning_tokens.thoughts.fused_attention import (TextMask, WindowBuffer, fused_kernel_applies,
+                                                       fused_two_part_attention)
 
 #: The name the thought attention is registered under in transformers' attention interfaces.
 IMPLEMENTATION = "lightning_tokens_thoughts"
@@ -175,7 +176,8 @@ def _two_part_backward(query, text_key, text_value, allowed, keys, values, out, 
 def two_part_attention(query: Tensor, text_key: Tensor, text_value: Tensor, allowed: Tensor,
                        window_keys: list[Tensor], window_values: list[Tensor], scaling: float,
                        chunk: int = DEFAULT_QUERY_CHUNK, dropout: float = 0.0,
-                       generator: Optional[torch.Generator] = None, fused: bool = True) -> Tensor:
+                       generator: Optional[torch.Generator] = None, fused: bool = True,
+                       buffer: Optional[WindowBuffer] = None) -> Tensor:
     """Attention of thought queries over the text's keys (where ``allowed``) and their own window (see
     :class:`TwoPartAttention` for shapes). The window must hold at least the query's own current key.
 
@@ -187,11 +189,14 @@ def two_part_attention(query: Tensor, text_key: Tensor, text_value: Tensor, allo
         generator: Where the dropout masks' seed is drawn from. Default ``None``: the global generator.
         fused: On the CPU without dropout, run the text part in PyTorch's fused attention kernel
             (:mod:`.fused_attention`); ``chunk`` then does not apply. Default ``True``.
+        buffer: For the fused kernel, the window already written into a buffer (the passes keep one per layer).
+            Default ``None``: built from the window.
     """
     if not window_keys or len(window_keys) != len(window_values):
         raise ValueError("two_part_attention: the window needs as many keys as values, and at least one")
     if fused and fused_kernel_applies(query, dropout):
-        return fused_two_part_attention(query, text_key, text_value, allowed, window_keys, window_values, scaling)
+        return fused_two_part_attention(query, text_key, text_value, allowed, window_keys, window_values, scaling,
+                                        buffer)
     seed = int(torch.randint(0, 2**62, (), generator=generator)) if dropout else 0
     settings = _Settings(float(scaling), int(chunk), float(dropout), seed)
     return TwoPartAttention.apply(query, text_key, text_value, allowed, settings, *window_keys, *window_values)
@@ -211,6 +216,9 @@ class ThoughtPassState:
             passes (``B * n`` rows).
         text: Per layer index, the text pass's ``(key, value)``, each ``(B, K, L, d)``.
         window: Per layer index, every later pass's ``(key, value)``, each ``(B * n, K, L, d)``.
+        capacity: How many passes follow the text pass. Default ``None``: unknown (no window buffers).
+        buffers: Per layer index, the window written into one buffer for the fused CPU kernel.
+        fused_mask: The thought passes' text mask as the fused kernel takes it (built once).
     """
 
     allowed: Tensor
@@ -219,6 +227,9 @@ class ThoughtPassState:
     pass_index: int = 0
     text: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     window: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    capacity: Optional[int] = None
+    buffers: dict[int, WindowBuffer] = field(default_factory=dict)
+    fused_mask: Optional[TextMask] = None
 
 
 _active: Optional[ThoughtPassState] = None
@@ -241,8 +252,17 @@ def _thought_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         window = state.window.setdefault(layer, [])
         window.append((key, value))
         allowed = state.allowed if state.query_allowed is None else state.query_allowed
+        buffer = None
+        if state.capacity is not None and fused_kernel_applies(query, dropout):
+            if layer not in state.buffers:
+                if state.fused_mask is None:
+                    state.fused_mask = TextMask.of(allowed, query.dtype)
+                state.buffers[layer] = WindowBuffer.like(key, state.text[layer][0].shape[0], state.capacity,
+                                                         state.fused_mask)
+            buffer = state.buffers[layer]
+            buffer.append(key, value)
         out = two_part_attention(query, *state.text[layer], allowed, [k for k, _ in window],
-                                 [v for _, v in window], scaling, state.chunk, dropout)
+                                 [v for _, v in window], scaling, state.chunk, dropout, buffer=buffer)
     return out.transpose(1, 2).contiguous(), None
 
 

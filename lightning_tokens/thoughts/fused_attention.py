@@ -2,17 +2,26 @@
 
 The text part (every thought query against the text's keys, the long part) runs in the kernel PyTorch's own
 scaled-dot-product attention uses on the CPU, which also returns each query's log-sum-exp; the window part (at most
-``thought_length + n_ahead_talk + 1`` keys per query) is a small einsum; the two merge exactly by their log-sum-exps,
-as split-key (flash-decoding) attention does. The kernel reads grouped-query keys without repeating them, and the
-``n`` thoughts of a row become ``n`` times the query heads of one text row, so the text's keys are read, not copied.
+``thought_length + n_ahead_talk + 1`` keys per query) is a small batched matmul; the two merge exactly by their
+log-sum-exps, as split-key (flash-decoding) attention does. The kernel reads grouped-query keys without repeating
+them, and the ``n`` thoughts of a row become ``n`` times the query heads of one text row, so the text's keys are
+read, not copied.
+
+The window's keys and values live in a :class:`WindowBuffer` per layer, laid out so that each query's own keys are
+contiguous: each pass writes its keys once, and no pass copies the earlier ones again.
 
 Backward: the kernel's own backward gets the output gradient scaled by the text part's share of the softmax
 (``exp(lse_text - lse)``) and the merged output, so its ``rowsum(dO * O)`` term is the merged softmax's; the window
-part's gradients follow from the same formulas in einsum.
+part's gradients follow from the same formulas as batched matmuls.
+
+Layouts (``B`` text rows, ``n`` thoughts per row, ``K`` kv heads, ``G`` query heads per kv head, ``P`` queries):
+queries arrive as ``(B * n, K * G, P, d)``; the kernel takes them "folded" as ``(B, K * n * G, P, d)``; the window
+part works on ``(B, K, n, P, G, d)``, one small matrix per query.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -28,90 +37,165 @@ def fused_kernel_applies(query: Tensor, dropout: float) -> bool:
     return query.device.type == "cpu" and not dropout and _KERNEL is not None and _KERNEL_BACKWARD is not None
 
 
+@dataclass(frozen=True)
+class TextMask:
+    """The text mask as the kernel and the merge take it, built once for every layer and pass.
+
+    Attributes:
+        additive: ``(B, 1, P, L)`` 0 where allowed, ``-inf`` elsewhere, in the queries' dtype.
+        reads_text: ``(B, 1, 1, P, 1)`` bool: the query may read some text key (the kernel gives a query that may
+            read none a finite log-sum-exp; only its window then counts).
+    """
+
+    additive: Tensor
+    reads_text: Tensor
+
+    @classmethod
+    def of(cls, allowed: Tensor, dtype: torch.dtype) -> "TextMask":
+        """From the ``(B, P, L)`` bool mask."""
+        additive = torch.where(allowed[:, None], 0.0, float("-inf")).to(dtype)
+        return cls(additive, allowed.any(-1)[:, None, None, :, None])
+
+
+@dataclass
+class WindowBuffer:
+    """One layer's window keys and values, ``(B, K, n, P, capacity, d)`` each, filled one pass at a time.
+
+    Attributes:
+        keys: The keys buffer.
+        values: The values buffer.
+        mask: The text mask of every pass.
+        count: Passes written so far.
+    """
+
+    keys: Tensor
+    values: Tensor
+    mask: TextMask
+    count: int = 0
+
+    @classmethod
+    def like(cls, key: Tensor, batch: int, capacity: int, mask: TextMask) -> "WindowBuffer":
+        """An empty buffer for window keys shaped like ``key`` (``(B * n, K, P, d)``)."""
+        rows, kv_heads, length, dim = key.shape
+        shape = (batch, kv_heads, rows // batch, length, capacity, dim)
+        return cls(key.new_empty(shape), key.new_empty(shape), mask)
+
+    def append(self, key: Tensor, value: Tensor) -> None:
+        """Write one pass's ``(B * n, K, P, d)`` key and value (their data: gradients reach them through the
+        attention, which takes them as inputs)."""
+        if self.count == self.keys.shape[4]:
+            raise RuntimeError(f"WindowBuffer: all {self.count} passes are written")
+        batch, kv_heads, n, length, _, dim = self.keys.shape
+        with torch.no_grad():
+            for buffer, tensor in ((self.keys, key), (self.values, value)):
+                buffer[:, :, :, :, self.count].copy_(tensor.view(batch, n, kv_heads, length, dim).transpose(1, 2))
+        self.count += 1
+
+    def written(self) -> tuple[Tensor, Tensor]:
+        """The written keys and values ``(B, K, n, P, count, d)``, as tensors the later writes do not count as
+        changes of (autograd saves them; the slots they cover are never written again)."""
+        return self.keys.data[..., :self.count, :], self.values.data[..., :self.count, :]
+
+
 def _fold(query: Tensor, batch: int, kv_heads: int) -> Tensor:
-    """``(B * n, K * G, P, d)`` queries as ``(B, K * n * G, P, d)``: a text row's thoughts as more heads, grouped by
-    kv head (head ``k * n * G + t * G + g`` reads kv head ``k``)."""
+    """``(B * n, K * G, P, d)`` as ``(B, K * n * G, P, d)``: a text row's thoughts as more heads, grouped by kv head
+    (head ``k * n * G + t * G + g`` reads kv head ``k``)."""
     rows, heads, length, dim = query.shape
     n, groups = rows // batch, heads // kv_heads
     grouped = query.view(batch, n, kv_heads, groups, length, dim).transpose(1, 2)
     return grouped.reshape(batch, kv_heads * n * groups, length, dim)
 
 
-def _unfold(folded: Tensor, rows: int, kv_heads: int) -> Tensor:
-    """The inverse of :func:`_fold`."""
-    batch, _, length, dim = folded.shape
-    n = rows // batch
-    groups = folded.shape[1] // (kv_heads * n)
-    return folded.view(batch, kv_heads, n, groups, length, dim).transpose(1, 2).reshape(rows, kv_heads * groups,
-                                                                                        length, dim)
+def _per_query(tensor: Tensor, batch: int, kv_heads: int) -> Tensor:
+    """``(B * n, K * G, P, d)`` as ``(B, K, n, P, G, d)`` (a copy)."""
+    rows, heads, length, dim = tensor.shape
+    grouped = tensor.view(batch, rows // batch, kv_heads, heads // kv_heads, length, dim)
+    return grouped.permute(0, 2, 1, 4, 3, 5).contiguous()
 
 
-def _stacked(window: tuple[Tensor, ...], batch: int) -> Tensor:
-    """Window keys or values ``(B * n, K, P, d)`` each, as ``(count, B, K, n, P, d)``."""
-    stacked = torch.stack(window)
-    count, rows, kv_heads, length, dim = stacked.shape
-    return stacked.view(count, batch, rows // batch, kv_heads, length, dim).transpose(2, 3)
+def _from_per_query(tensor: Tensor) -> Tensor:
+    """``(B, K, n, P, G, d)`` as ``(B * n, K * G, P, d)``."""
+    batch, kv_heads, n, length, groups, dim = tensor.shape
+    return tensor.permute(0, 2, 1, 4, 3, 5).reshape(batch * n, kv_heads * groups, length, dim)
 
 
-def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(B, 1, P, L)`` 0 where allowed, ``-inf`` elsewhere (the kernel takes a mask of the query's dtype)."""
-    return torch.where(allowed[:, None], 0.0, float("-inf")).to(dtype)
+def _folded_as_per_query(folded: Tensor, kv_heads: int, n: int) -> Tensor:
+    """A folded ``(B, K * n * G, P, d)`` tensor viewed as ``(B, K, n, P, G, d)`` (no copy)."""
+    batch, heads, length, dim = folded.shape
+    return folded.view(batch, kv_heads, n, heads // (kv_heads * n), length, dim).transpose(3, 4)
+
+
+def _lse_per_query(lse: Tensor, kv_heads: int, n: int) -> Tensor:
+    """The kernel's ``(B, K * n * G, P)`` log-sum-exp as ``(B, K, n, P, G)`` (a view)."""
+    batch, heads, length = lse.shape
+    return lse.view(batch, kv_heads, n, heads // (kv_heads * n), length).transpose(3, 4)
+
+
+def _text_lse(lse_text: Tensor, mask: TextMask, kv_heads: int, n: int) -> Tensor:
+    """The kernel's log-sum-exp per query ``(B, K, n, P, G)``, ``-inf`` for queries that may read no text key."""
+    return _lse_per_query(lse_text, kv_heads, n).masked_fill(~mask.reads_text, float("-inf"))
 
 
 class FusedTwoPartAttention(torch.autograd.Function):
-    """The same attention as :class:`~lightning_tokens.thoughts.attention.TwoPartAttention` (same arguments and
-    shapes; ``dropout`` must be 0), its text part in PyTorch's fused CPU kernel."""
+    """The same attention as :class:`~lightning_tokens.thoughts.attention.TwoPartAttention` (no dropout), its text
+    part in PyTorch's fused CPU kernel and its window read from a :class:`WindowBuffer`'s ``written()`` tensors
+    (``window_keys, window_values (B, K, n, P, count, d)``) and its :class:`TextMask`; the window tensors after
+    them are the same keys and values as separate inputs, which receive their gradients."""
 
     @staticmethod
-    def forward(ctx: Any, query: Tensor, text_key: Tensor, text_value: Tensor, allowed: Tensor, scaling: float,
-                *window: Tensor) -> Tensor:
+    def forward(ctx: Any, query: Tensor, text_key: Tensor, text_value: Tensor, mask: TextMask, scaling: float,
+                window_keys: Tensor, window_values: Tensor, *window: Tensor) -> Tensor:
         batch, kv_heads = text_key.shape[:2]
-        count = len(window) // 2
-        folded = _fold(query, batch, kv_heads)
-        out_text, lse_text = _KERNEL(folded, text_key, text_value, attn_mask=_additive(allowed, query.dtype),
-                                     scale=scaling)
-        out, lse = _merge(folded, out_text, _text_lse(lse_text, allowed), _stacked(window[:count], batch),
-                          _stacked(window[count:], batch), kv_heads, scaling)
-        ctx.save_for_backward(query, text_key, text_value, allowed, out, lse_text, lse, *window)
-        ctx.scaling, ctx.count = scaling, count
-        return _unfold(out, query.shape[0], kv_heads)
+        n = query.shape[0] // batch
+        acc = torch.promote_types(query.dtype, torch.float32)
+        out_text, lse_text = _KERNEL(_fold(query, batch, kv_heads), text_key, text_value,
+                                     attn_mask=mask.additive, scale=scaling)
+        q = _per_query(query, batch, kv_heads).to(acc)
+        # one contiguous copy of the window: batched matmuls over strided blocks run several times slower
+        keys, values = window_keys.to(acc).contiguous(), window_values.to(acc).contiguous()
+        own = q @ keys.transpose(-1, -2) * scaling  # (B, K, n, P, G, count)
+        text_lse = _text_lse(lse_text.to(acc), mask, kv_heads, n)
+        lse = torch.logaddexp(text_lse, own.logsumexp(-1))
+        text_share = torch.exp(text_lse - lse)[..., None]
+        text_part = _folded_as_per_query(out_text, kv_heads, n).to(acc)
+        out = torch.where(text_share > 0, text_share * text_part, 0.0)  # a row with no text key: no NaN from it
+        out = out + torch.exp(own - lse[..., None]) @ values
+        out = out.to(query.dtype)
+        ctx.save_for_backward(query, text_key, text_value, out, lse_text, lse, window_keys, window_values)
+        ctx.mask, ctx.scaling, ctx.count = mask, scaling, len(window) // 2
+        return _from_per_query(out)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):
-        query, text_key, text_value, allowed, out, lse_text, lse, *window = ctx.saved_tensors
+        query, text_key, text_value, out, lse_text, lse, window_keys, window_values = ctx.saved_tensors
+        mask = ctx.mask
         batch, kv_heads = text_key.shape[:2]
-        scaling, count = ctx.scaling, ctx.count
-        folded, grad = _fold(query, batch, kv_heads), _fold(grad_out, batch, kv_heads)
+        n, scaling = query.shape[0] // batch, ctx.scaling
         acc = torch.promote_types(query.dtype, torch.float32)
-        text_share = torch.exp(_text_lse(lse_text, allowed).to(acc) - lse)[..., None]
-        dq, dk_text, dv_text = _KERNEL_BACKWARD((grad.to(acc) * text_share).to(query.dtype), folded, text_key,
-                                                text_value, out, lse_text, 0.0, False,
-                                                attn_mask=_additive(allowed, query.dtype), scale=scaling)
-        keys, values = _stacked(tuple(window[:count]), batch).to(acc), _stacked(tuple(window[count:]), batch).to(acc)
-        q, g, o = (_heads_by_thought(t.to(acc), kv_heads, keys.shape[3]) for t in (folded, grad, out))
-        p_own = torch.exp(torch.einsum("bkngcd,pbkncd->bkngcp", q, keys) * scaling - lse.view(*q.shape[:-1], 1))
+        g = _per_query(grad_out, batch, kv_heads).to(acc)
+        text_share = torch.exp(_text_lse(lse_text.to(acc), mask, kv_heads, n) - lse)[..., None]
+        dq_text, dk_text, dv_text = _KERNEL_BACKWARD(
+            _refold(g * text_share, query.dtype), _fold(query, batch, kv_heads), text_key, text_value,
+            _refold(out, query.dtype), lse_text, 0.0, False, attn_mask=mask.additive, scale=scaling)
+        q, o = _per_query(query, batch, kv_heads).to(acc), out.to(acc)
+        keys, values = window_keys.to(acc).contiguous(), window_values.to(acc).contiguous()
+        p_own = torch.exp(q @ keys.transpose(-1, -2) * scaling - lse[..., None])  # (B, K, n, P, G, count)
         delta = (g * o).sum(-1, keepdim=True)
-        d_own = p_own * (torch.einsum("bkngcd,pbkncd->bkngcp", g, values) - delta)
-        dq_own = torch.einsum("bkngcp,pbkncd->bkngcd", d_own, keys) * scaling
-        dk_own = torch.einsum("bkngcp,bkngcd->pbkncd", d_own, q) * scaling
-        dv_own = torch.einsum("bkngcp,bkngcd->pbkncd", p_own, g)
-        dq = (dq.to(acc) + dq_own.flatten(1, 3)).to(query.dtype)
+        d_own = p_own * (g @ values.transpose(-1, -2) - delta)
+        dq = _folded_as_per_query(dq_text, kv_heads, n).to(acc) + d_own @ keys * scaling
+        dk_own = d_own.transpose(-1, -2) @ q * scaling  # (B, K, n, P, count, d)
+        dv_own = p_own.transpose(-1, -2) @ g
         rows = query.shape[0]
-        dk_window = [_window_grad(d, rows, key.dtype) for d, key in zip(dk_own.unbind(0), window[:count])]
-        dv_window = [_window_grad(d, rows, value.dtype) for d, value in zip(dv_own.unbind(0), window[count:])]
-        return (_unfold(dq, rows, kv_heads), dk_text, dv_text, None, None, *dk_window, *dv_window)
+        dk_window = [_window_grad(dk_own[..., p, :], rows, query.dtype) for p in range(ctx.count)]
+        dv_window = [_window_grad(dv_own[..., p, :], rows, query.dtype) for p in range(ctx.count)]
+        return (_from_per_query(dq.to(query.dtype)), dk_text, dv_text, None, None, None, None,
+                *dk_window, *dv_window)
 
 
-def _text_lse(lse_text: Tensor, allowed: Tensor) -> Tensor:
-    """The kernel's log-sum-exp ``(B, heads, P)``, ``-inf`` for queries that may read no text key (the kernel gives
-    such a row a finite one; only its window then counts)."""
-    return lse_text.masked_fill(~allowed.any(-1)[:, None], float("-inf"))
-
-
-def _heads_by_thought(folded: Tensor, kv_heads: int, n: int) -> Tensor:
-    """``(B, K * n * G, P, d)`` as ``(B, K, n, G, P, d)``."""
-    batch, heads, length, dim = folded.shape
-    return folded.view(batch, kv_heads, n, heads // (kv_heads * n), length, dim)
+def _refold(per_query: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(B, K, n, P, G, d)`` as the kernel's folded ``(B, K * n * G, P, d)``."""
+    batch, kv_heads, n, length, groups, dim = per_query.shape
+    return per_query.transpose(3, 4).reshape(batch, kv_heads * n * groups, length, dim).to(dtype)
 
 
 def _window_grad(grad: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
@@ -120,28 +204,14 @@ def _window_grad(grad: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
     return grad.transpose(1, 2).reshape(rows, kv_heads, length, dim).to(dtype)
 
 
-def _merge(folded: Tensor, out_text: Tensor, lse_text: Tensor, keys: Tensor, values: Tensor, kv_heads: int,
-           scaling: float) -> tuple[Tensor, Tensor]:
-    """The text part's output and log-sum-exp merged with the window's: ``(out (B, K * n * G, P, d), lse (B, K * n * G,
-    P))``, the output in the query's dtype, the log-sum-exp in float32 (float64 for float64 inputs)."""
-    acc = torch.promote_types(folded.dtype, torch.float32)
-    n = keys.shape[3]
-    q = _heads_by_thought(folded.to(acc), kv_heads, n)
-    own = torch.einsum("bkngcd,pbkncd->bkngcp", q, keys.to(acc)) * scaling
-    lse_text = lse_text.to(acc).view(own.shape[:-1])
-    lse = torch.logaddexp(lse_text, own.logsumexp(-1))
-    text_share = torch.exp(lse_text - lse)[..., None]
-    text_part = torch.where(text_share > 0, text_share * _heads_by_thought(out_text.to(acc), kv_heads, n), 0.0)
-    own_part = torch.einsum("bkngcp,pbkncd->bkngcd", torch.exp(own - lse[..., None]), values.to(acc))
-    return (text_part + own_part).flatten(1, 3).to(folded.dtype), lse.flatten(1, 3)
-
-
 def fused_two_part_attention(query: Tensor, text_key: Tensor, text_value: Tensor, allowed: Tensor,
                              window_keys: list[Tensor], window_values: list[Tensor], scaling: float,
-                             dropout: Optional[float] = 0.0) -> Tensor:
-    """:class:`FusedTwoPartAttention` on ``(query, text_key, text_value, allowed, window...)`` (see
-    :func:`~lightning_tokens.thoughts.attention.two_part_attention`)."""
-    if dropout:
-        raise ValueError("fused_two_part_attention takes no attention dropout")
-    return FusedTwoPartAttention.apply(query, text_key, text_value, allowed, float(scaling), *window_keys,
-                                       *window_values)
+                             buffer: Optional[WindowBuffer] = None) -> Tensor:
+    """:class:`FusedTwoPartAttention` (see :func:`~lightning_tokens.thoughts.attention.two_part_attention` for the
+    arguments). ``buffer`` holds the window already written; without one, it is built from the window."""
+    if buffer is None:
+        buffer = WindowBuffer.like(window_keys[0], text_key.shape[0], len(window_keys), TextMask.of(allowed, query.dtype))
+        for key, value in zip(window_keys, window_values):
+            buffer.append(key, value)
+    return FusedTwoPartAttention.apply(query, text_key, text_value, buffer.mask, float(scaling), *buffer.written(),
+                                       *window_keys, *window_values)

@@ -91,7 +91,8 @@ def text_mask(attention_mask: Tensor, sliding_window: Optional[int] = None, segm
     return allowed | torch.eye(length, dtype=torch.bool, device=attention_mask.device)[None]
 
 
-def _sliding_window(lm: PreTrainedModel, length: int) -> Optional[int]:
+def sliding_window(lm: PreTrainedModel, length: int) -> Optional[int]:
+    """The model's sliding attention window where it is on and shorter than ``length``, else ``None``."""
     window = getattr(lm.config, "sliding_window", None)
     if window is None or getattr(lm.config, "use_sliding_window", True) is False:
         return None
@@ -160,10 +161,10 @@ def parallel_thoughts(
     n = n_thoughts
     segments = None if position_ids is None else segment_ids(position_ids)
     positions = positions_of(attention_mask) if position_ids is None else position_ids
-    allowed = text_mask(attention_mask, _sliding_window(lm, length), segments)
+    allowed = text_mask(attention_mask, sliding_window(lm, length), segments)
     embeds = embed(input_ids)
     dtype = embeds.dtype
-    state = ThoughtPassState(allowed, query_chunk)
+    state = ThoughtPassState(allowed, query_chunk, capacity=thought_length + n_ahead_talk + 1)
     chosen: Optional[ThoughtPositions] = None
     branch_positions = positions
 
