@@ -52,7 +52,17 @@ def timed(fn, device: str, repeats: int) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])  # the first is warm-up
+    return statistics.median(times[1:] or times)  # the first is warm-up
+
+
+def timed_pair(first, second, device: str, repeats: int) -> tuple[float, float]:
+    """Median times of ``first`` and ``second`` run in alternation, so that a shared machine's drifting speed
+    affects both alike (the first round is warm-up)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats + 1):
+        for fn, out in zip((first, second), times):
+            out.append(timed(fn, device, 0))
+    return statistics.median(times[0][1:]), statistics.median(times[1][1:])
 
 
 def peak(fn, device: str) -> int:
@@ -128,7 +138,7 @@ def main() -> None:
         return loss
 
     module.train()
-    t_plain, t_quiet = timed(plain_step, args.device, args.repeats), timed(quiet_step, args.device, args.repeats)
+    t_plain, t_quiet = timed_pair(plain_step, quiet_step, args.device, args.repeats)
     s_plain = saved_bytes(lambda: module.model(input_ids=ids, attention_mask=mask, labels=ids).loss)
     s_quiet = saved_bytes(lambda: module.quiet_star(ids, mask).loss)
     p_plain, p_quiet = peak(plain_step, args.device), peak(quiet_step, args.device)
