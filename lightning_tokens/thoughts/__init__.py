@@ -1,7 +1,8 @@
 """Quiet-STaR: thought tokens learned from plain text, and generation that thinks before every token.
 
 - :class:`QuietSTaRModule`: the LightningModule (continued pretraining with thoughts).
-- :func:`parallel_thoughts`: every position's thoughts in one pass per token, on a KV cache (4D mask).
+- :func:`parallel_thoughts`: every position's (or the ``think_at`` positions') thoughts in one pass per token,
+  attending to the text's keys held once and to their own window (:mod:`.attention`).
 - :func:`quiet_star_loss`: the paper's NLL + REINFORCE loss.
 - :func:`thoughtful_generate`: think on a KV cache allocated once, mix, emit; the next token overwrites the thought.
 """
