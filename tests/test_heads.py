@@ -290,4 +290,4 @@ def test_speculative_decoding_stops_at_eos_like_generate():
     got, stats = generate_with_heads(model, heads, ids, mask, max_new_tokens=30, eos_token_id=eos)
     assert torch.equal(got, reference[:, : 3 + first + 1])
     with pytest.raises(ValueError, match="shape"):
-        generate_with_heads(model, heads, torch.ones(2, 3, dtype=torch.long))
+        generate_with_heads(model, heads, torch.ones(3, dtype=torch.long))
