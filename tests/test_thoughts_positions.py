@@ -4,6 +4,7 @@ against the same branches of every-position thinking, and against the position-b
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -107,7 +108,7 @@ def test_chosen_positions_are_the_highest_entropy_candidates(side, think_at):
     assert (targets != -100).sum() > 0
     for b in range(ids.shape[0]):
         count = int(candidates[b].sum())
-        k = min(think_at, count) if isinstance(think_at, int) else math.ceil(think_at * count)
+        k = min(think_at, count) if isinstance(think_at, int) else math.ceil(Fraction(str(think_at)) * count)
         ranked = sorted(candidates[b].nonzero().flatten().tolist(), key=lambda i: -float(entropy[b, i]))
         got = passes.positions.index[b][passes.positions.valid[b]].tolist()
         assert got == sorted(ranked[:k]), (b, got, ranked)
@@ -170,6 +171,8 @@ def test_choose_positions_counts_shares_and_empty_rows():
     by_share = choose_positions(entropy, candidates, 0.5)  # ceil(0.5 * 4) = 2, ceil(0.5 * 2) = 1
     assert [row[v].tolist() for row, v in zip(by_share.index, by_share.valid)] == [[1, 3], [0], []]
     assert choose_positions(entropy, candidates, "all") is None
+    many = torch.ones(1, 100, dtype=torch.bool)  # 0.07 * 100 is 7.000000000000001 in floats: still 7 positions
+    assert int(choose_positions(torch.rand(1, 100), many, 0.07).valid.sum()) == 7
 
 
 def test_a_row_with_no_candidate_and_short_rows_give_finite_loss_and_gradients():

@@ -190,7 +190,8 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
             self.forbidden_ids, self.n_thoughts, self.thought_length, self.n_ahead_talk,
             temperature=self.thought_temperature if temperature is None else temperature,
             pad_token_id=self.tokenizer.pad_token_id or 0, position_ids=position_ids if segments is not None else None,
-            think_at=self.think_at, candidates=thought_candidates(targets, self.n_ahead_talk, segments),
+            think_at=self.think_at,
+            candidates=None if self.think_at == "all" else thought_candidates(targets, self.n_ahead_talk, segments),
         )
         out = quiet_star_loss(passes, lm.get_output_embeddings(), self.mixing_head, targets, self.forbidden_ids,
                               self.n_thoughts, self.base_loss_weight, self.policy_weight,

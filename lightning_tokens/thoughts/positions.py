@@ -11,7 +11,6 @@ some talk step has a target of its own sample: a thought anywhere else could not
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -107,7 +106,8 @@ def choose_positions(entropy: Tensor, candidates: Tensor, think_at: ThinkAt) -> 
     if isinstance(think_at, int):
         wanted = available.clamp_max(think_at)
     else:
-        wanted = torch.tensor([math.ceil(think_at * int(count)) for count in available], device=available.device)
+        # rounded first: 0.07 * 100 is 7.000000000000001 in floats, whose ceiling would be 8
+        wanted = torch.round(available.double() * think_at, decimals=9).ceil().long()
     slots = max(int(wanted.max()), 1)
     ranked = entropy.float().masked_fill(~candidates, float("-inf")).topk(slots, dim=-1).indices
     valid = torch.arange(slots, device=entropy.device)[None] < wanted[:, None]
