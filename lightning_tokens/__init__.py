@@ -16,6 +16,7 @@ from lightning_tokens.heads import (
     ConceptAwareFineTuning,
     MultiTokenHeads,
     MultiTokenHeadsModule,
+    export_mtp,
     generate_with_heads,
     self_distill,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "collect_traces",
     "estimate_thinking_length",
     "extract_answer",
+    "export_mtp",
     "generate_with_heads",
     "keep_4bit_weights_unpacked",
     "load_causal_lm",

@@ -32,6 +32,16 @@ TINY_DEFAULTS: dict[str, dict[str, Any]] = {
                     num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
                     sliding_window=None),
     "gpt2": dict(n_embd=128, n_layer=4, n_head=4, n_positions=1024),
+    # mixture-of-experts models whose checkpoints carry multi-token-prediction layers (num_mtp_layers)
+    "deepseek_v3": dict(hidden_size=128, intermediate_size=352, moe_intermediate_size=64, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                        n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+                        qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, num_mtp_layers=1,
+                        max_position_embeddings=1024),
+    "glm4_moe": dict(hidden_size=128, intermediate_size=352, moe_intermediate_size=64, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, n_routed_experts=8,
+                     num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, num_mtp_layers=1,
+                     max_position_embeddings=1024),
 }
 
 

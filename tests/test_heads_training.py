@@ -278,11 +278,12 @@ def test_tiny_configs_run_stage1_then_stage2_through_the_cli(tmp_path):
     assert isinstance(cli.model.caft_heads, MultiTokenHeads)
 
 
-def test_gpu_hub_config_names_real_classes_and_arguments():
+@pytest.mark.parametrize("name", ["qwen2.5-1.5b.yaml", "glm-4.5-air-mtp.yaml"])
+def test_gpu_hub_config_names_real_classes_and_arguments(name):
     import importlib
     import inspect
 
-    config = yaml.safe_load((ROOT / "configs/caft/qwen2.5-1.5b.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs/caft" / name).read_text())
     entries = [config["model"], config["data"], *config["trainer"]["callbacks"]]
     for entry in entries:
         module_name, _, name = entry["class_path"].rpartition(".")

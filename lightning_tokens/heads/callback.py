@@ -24,6 +24,7 @@ from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, TokenLossCallback,
 
 HEADS_ATTRIBUTE = "caft_heads"
 _TRUNK_KEY = "caft_trunk"
+_FINAL_KEY = "caft_final_hidden"
 
 
 def _is_peft(module: Any) -> bool:
@@ -42,10 +43,14 @@ class ConceptAwareFineTuning(TokenLossCallback):
 
     Args:
         heads_path: Directory written by :meth:`MultiTokenHeads.save` or by :class:`MultiTokenHeadsModule`
-            (stage 1). Default ``None``: fresh heads built from the model's last layer, which the paper
-            found to give no gain; a warning says so.
-        num_heads: Number of heads K when building fresh heads. Default ``4``.
-        architecture: ``"layer"`` or ``"resblock"`` for fresh heads. Default ``"layer"``.
+            (stage 1). Default ``None``: with ``architecture="mtp"``, the MTP layers of the model's own checkpoint
+            (:meth:`MultiTokenHeads.from_model`; trained already, so no stage 1); otherwise fresh heads built from
+            the model's last layer, which the paper found to give no gain, with a warning.
+        num_heads: Number of heads K when building fresh heads. Default ``4``. For the checkpoint's MTP layers,
+            ``None`` takes as many depths as it has.
+        architecture: ``"layer"``, ``"resblock"`` or ``"mtp"`` (see ``heads_path``). Default ``"layer"``. Write
+            fine-tuned MTP layers back into the model's checkpoint layout with
+            :func:`~lightning_tokens.heads.mtp.export_mtp`.
         beta: Weight of the auxiliary losses (paper: ``caft_heads_coefficient``). Default ``0.01``.
         gamma: Decay per head (paper: ``caft_decay_coefficient``). Default ``0.8``.
         schedule: s(p): ``"rsine"``, ``"sine"``, ``"linear"``, ``"constant"`` or ``"sine_r"`` (also spelled
@@ -67,7 +72,7 @@ class ConceptAwareFineTuning(TokenLossCallback):
     def __init__(
         self,
         heads_path: Optional[str] = None,
-        num_heads: int = 4,
+        num_heads: Optional[int] = 4,
         architecture: Architecture = "layer",
         beta: float = 0.01,
         gamma: float = 0.8,
@@ -105,6 +110,7 @@ class ConceptAwareFineTuning(TokenLossCallback):
             heads = self._build_heads(model)  # before joining the dispatcher: a bad path leaves nothing behind
             pl_module.add_module(HEADS_ATTRIBUTE, heads)
         heads.requires_grad_(bool(self.train_heads))
+
         lm_head = causal_lm_of(model).get_output_embeddings()
         if not _is_peft(pl_module) and self.freeze_lm_head:
             embeddings = causal_lm_of(model).get_input_embeddings()
@@ -115,8 +121,17 @@ class ConceptAwareFineTuning(TokenLossCallback):
         self._heads = heads
         super().setup(trainer, pl_module, stage)
         self.dispatcher.capture_inputs(decoder_layers(model)[-1], _TRUNK_KEY)
+        if heads.architecture == "mtp":
+            self.dispatcher.capture_inputs(causal_lm_of(model).get_output_embeddings(), _FINAL_KEY)
 
     def _build_heads(self, model) -> MultiTokenHeads:
+        if self.heads_path is None and self.architecture == "mtp":
+            try:
+                return MultiTokenHeads.from_model(model, self.num_heads)
+            except ValueError as error:
+                if self.require_heads:
+                    raise
+                rank_zero_warn(f"ConceptAwareFineTuning: {error} (require_heads=False); the MTP layers start untrained")
         if self.heads_path is not None:
             if self.require_heads or (Path(self.heads_path) / WEIGHTS_NAME).is_file():
                 return MultiTokenHeads.load(self.heads_path, model)
@@ -125,7 +140,7 @@ class ConceptAwareFineTuning(TokenLossCallback):
         else:
             rank_zero_warn("ConceptAwareFineTuning: no heads_path, so the heads start untrained; CAFT expects heads "
                            "pre-trained in stage 1 (MultiTokenHeadsModule)")
-        return MultiTokenHeads(model, num_heads=self.num_heads, architecture=self.architecture)
+        return MultiTokenHeads(model, num_heads=self.num_heads or 4, architecture=self.architecture)
 
     # -- schedule --------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -147,6 +162,9 @@ class ConceptAwareFineTuning(TokenLossCallback):
         if _TRUNK_KEY not in ctx.captured or self._heads is None:
             raise RuntimeError("ConceptAwareFineTuning: the last decoder layer's input was not captured")
         trunk = Trunk.from_call(*ctx.captured[_TRUNK_KEY])
+        if self._heads.architecture == "mtp":
+            hidden = ctx.hidden if ctx.hidden is not None else ctx.captured[_FINAL_KEY][0][0]
+            trunk = Trunk(hidden, None, trunk.position_ids, ctx.input_ids)
         losses = head_losses(self._heads, ctx.model, trunk, ctx.labels, ctx.attention_mask, self.chunk_size,
                              ctx.segments)
         weight = self.schedule_weight

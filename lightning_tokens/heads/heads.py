@@ -5,6 +5,10 @@ layer (so with the main head the model gets K + 1 parallel last layers, as in Gl
 ``"resblock"`` head is Medusa's ``x + SiLU(W x)`` with ``W`` zero-initialised. Every head then goes through the
 model's own final norm and unembedding (shared ``lm_head`` by default, or a private copy of it).
 
+An ``"mtp"`` head is one depth of the model's own multi-token-prediction layers (DeepSeek-V3, GLM-4.5): the
+depths are chained, reading the model's final hidden state and the tokens ahead; see
+:mod:`lightning_tokens.heads.mtp`.
+
 Layer heads are always called with an explicit causal + padding mask (an additive float mask, which eager and
 SDPA attention both accept) and with the rotary embeddings the model itself computed for its last layer, so
 they are causal whatever attention implementation the model uses.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +31,7 @@ from torch import Tensor, nn
 from lightning_tokens.lean_loss import OutputProjection
 from lightning_tokens.modeling import cache_keyword, causal_lm_of, decoder_layers
 
-Architecture = Literal["layer", "resblock"]
+Architecture = Literal["layer", "resblock", "mtp"]
 WEIGHTS_NAME = "heads.safetensors"
 CONFIG_NAME = "heads_config.json"
 _NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
@@ -54,14 +59,17 @@ class Trunk:
     """What the heads read: the input of the model's last decoder layer, and its positions.
 
     Attributes:
-        hidden: ``(B, T, D)`` input hidden states of the last decoder layer.
+        hidden: ``(B, T, D)`` input hidden states of the last decoder layer; for MTP heads, the model's final
+            hidden state (the output head's input).
         position_embeddings: The rotary ``(cos, sin)`` the model gave its layers, or ``None`` (gpt2).
         position_ids: ``(B, T)`` position ids the layer received, or ``None``.
+        input_ids: ``(B, T)`` the input tokens, which MTP heads read ahead of each position; ``None`` for others.
     """
 
     hidden: Tensor
     position_embeddings: Optional[tuple[Tensor, Tensor]] = None
     position_ids: Optional[Tensor] = None
+    input_ids: Optional[Tensor] = None
 
     @classmethod
     def from_call(cls, args: tuple, kwargs: dict) -> "Trunk":
@@ -71,7 +79,8 @@ class Trunk:
 
     def detach(self) -> "Trunk":
         pe = self.position_embeddings
-        return Trunk(self.hidden.detach(), None if pe is None else tuple(p.detach() for p in pe), self.position_ids)
+        return Trunk(self.hidden.detach(), None if pe is None else tuple(p.detach() for p in pe), self.position_ids,
+                     self.input_ids)
 
     def narrow(self, start: int, length: int) -> "Trunk":
         """The trunk at positions ``start .. start + length - 1``."""
@@ -81,22 +90,41 @@ class Trunk:
         ids = self.position_ids
         if ids is not None and ids.shape[-1] == self.hidden.shape[1]:
             ids = ids.narrow(-1, start, length)
-        return Trunk(self.hidden.narrow(1, start, length), pe, ids)
+        tokens = None if self.input_ids is None else self.input_ids.narrow(1, start, length)
+        return Trunk(self.hidden.narrow(1, start, length), pe, ids, tokens)
 
 
 @contextmanager
-def capture_trunk(model: nn.Module) -> Iterator[dict[str, Trunk]]:
-    """Record the :class:`Trunk` of ``model``'s forwards inside the block as ``holder["trunk"]`` (the last call)."""
-    holder: dict[str, Trunk] = {}
+def capture_trunk(model: nn.Module, final: bool = False) -> Iterator[dict[str, Trunk]]:
+    """Record the :class:`Trunk` of ``model``'s forwards inside the block as ``holder["trunk"]`` (the last call).
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    Args:
+        model: The causal LM.
+        final: Record what MTP heads read instead: the final hidden state (the final norm's output) and the
+            input ids. Default ``False``: the last decoder layer's input.
+    """
+    holder: dict[str, Any] = {}
+
+    def layer_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         holder["trunk"] = Trunk.from_call(args, kwargs)
 
-    handle = decoder_layers(model)[-1].register_forward_pre_hook(hook, with_kwargs=True)
+    def ids_hook(module: nn.Module, args: tuple) -> None:
+        holder["input_ids"] = args[0] if args else None
+
+    def final_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        layer = holder.pop("trunk")
+        holder["trunk"] = Trunk(output, None, layer.position_ids, holder.pop("input_ids", None))
+
+    handles = [decoder_layers(model)[-1].register_forward_pre_hook(layer_hook, with_kwargs=True)]
+    if final:
+        base = causal_lm_of(model)
+        handles.append(base.get_input_embeddings().register_forward_pre_hook(ids_hook))
+        handles.append(final_norm(base).register_forward_hook(final_hook))
     try:
         yield holder
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -177,12 +205,14 @@ class MultiTokenHeads(nn.Module):
         model: The causal LM (plain, PEFT-wrapped or quantized) whose trunk the heads read.
         num_heads: Number of auxiliary heads K (paper: ``caft_num_heads``). Default ``4``.
         architecture: ``"layer"``, a copy of the model's last decoder layer (reference code: ``head_arch=
-            "transformer"``); or ``"resblock"``, Medusa's ``x + SiLU(W x)`` with ``W`` zero-initialised
-            (reference code: ``"linear"``). Default ``"layer"``.
+            "transformer"``); ``"resblock"``, Medusa's ``x + SiLU(W x)`` with ``W`` zero-initialised
+            (reference code: ``"linear"``); or ``"mtp"``, transformers' multi-token-prediction layers for a model
+            whose config has ``num_mtp_layers`` (:mod:`~lightning_tokens.heads.mtp`; :meth:`from_model` loads
+            the checkpoint's own). Default ``"layer"``.
         separate_unembedding: Give every head its own unembedding initialised from ``lm_head`` instead of
-            sharing it (K more vocabulary-sized matrices). Default ``False``.
-        init_from_model: Initialise layer heads with the last layer's weights (dequantized, LoRA left out).
-            Default ``True``; ``False`` when the weights will be loaded anyway.
+            sharing it (K more vocabulary-sized matrices). Default ``False``. MTP heads share ``lm_head``.
+        init_from_model: Initialise layer heads, and the decoder layer of fresh MTP heads, with the last layer's
+            weights (dequantized, LoRA left out). Default ``True``; ``False`` when the weights will be loaded anyway.
     """
 
     def __init__(self, model: nn.Module, num_heads: int = 4, architecture: Architecture = "layer",
@@ -190,8 +220,11 @@ class MultiTokenHeads(nn.Module):
         super().__init__()
         if not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"MultiTokenHeads.num_heads must be a positive integer, got {num_heads!r}")
-        if architecture not in ("layer", "resblock"):
-            raise ValueError(f"MultiTokenHeads.architecture must be 'layer' or 'resblock', got {architecture!r}")
+        if architecture not in ("layer", "resblock", "mtp"):
+            raise ValueError(f"MultiTokenHeads.architecture must be 'layer', 'resblock' or 'mtp', got {architecture!r}")
+        if architecture == "mtp" and separate_unembedding:
+            raise ValueError("MultiTokenHeads: MTP heads share the model's lm_head (transformers' MtpModel reads no "
+                             "other), so separate_unembedding must be False")
         base = causal_lm_of(model)
         lm_head = base.get_output_embeddings()
         vocab_size, hidden_size = lm_head.weight.shape[0], lm_head.weight.shape[-1]
@@ -200,16 +233,27 @@ class MultiTokenHeads(nn.Module):
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         last = decoder_layers(base)[-1]
         self.layer_index = len(decoder_layers(base)) - 1
-        blocks = []
-        for _ in range(num_heads):
-            if architecture == "resblock":
-                blocks.append(ResBlock(hidden_size))
-                continue
-            block = type(last)(base.config, self.layer_index)
+        #: The norm all MTP depths end with in some layouts (Inkling's ``chain_norm``); ``None`` for other heads.
+        self.shared_post_norm: Optional[nn.Module] = None
+        if architecture == "mtp":
+            from lightning_tokens.heads.mtp import build_mtp_layers
+
+            self.blocks, self.shared_post_norm = build_mtp_layers(base, num_heads)
             if init_from_model:
-                _copy_from_layer(block, last)
-            blocks.append(block)
-        self.blocks = nn.ModuleList(blocks).to(dtype=dtype, device=lm_head.weight.device)
+                for layer in self.blocks:
+                    _copy_from_layer(layer.mtp_block, last)
+        else:
+            blocks = []
+            for _ in range(num_heads):
+                if architecture == "resblock":
+                    blocks.append(ResBlock(hidden_size))
+                    continue
+                block = type(last)(base.config, self.layer_index)
+                if init_from_model:
+                    _copy_from_layer(block, last)
+                blocks.append(block)
+            self.blocks = nn.ModuleList(blocks)
+        self.to(dtype=dtype, device=lm_head.weight.device)
         self.unembeddings: Optional[nn.ModuleList] = None
         if separate_unembedding:
             heads = []
@@ -221,6 +265,40 @@ class MultiTokenHeads(nn.Module):
             self.unembeddings = nn.ModuleList(heads)
         self.model_type = getattr(base.config, "model_type", None)
         self.layer_class = type(last).__name__
+
+    @classmethod
+    def from_model(cls, model: nn.Module, num_heads: Optional[int] = None) -> "MultiTokenHeads":
+        """MTP heads holding the MTP layers of ``model``'s own checkpoint: trained heads, so stage 1 is optional.
+
+        The weights are read by transformers' ``MtpModel.from_pretrained`` from the checkpoint ``model`` was
+        loaded from. Depths past those the checkpoint has (DeepSeek-V3 ships one) start as copies of its last
+        one, with a warning.
+
+        Args:
+            model: A causal LM loaded from a checkpoint whose config has ``num_mtp_layers`` (plain, PEFT or
+                quantized: the MTP layers load unquantized).
+            num_heads: Number of depths K. Default ``None``: the checkpoint's ``num_mtp_layers``.
+
+        Raises:
+            ValueError: the model has no MTP layers, was built from a config, or its checkpoint lacks them.
+        """
+        from lightning_tokens.heads.mtp import checkpoint_depths, read_checkpoint_layers
+
+        available = checkpoint_depths(model)
+        layers = read_checkpoint_layers(model)
+        num_heads = available if num_heads is None else num_heads
+        heads = cls(model, num_heads=num_heads, architecture="mtp", init_from_model=False)
+        for k, layer in enumerate(heads.blocks):
+            layer.load_state_dict(layers[min(k, len(layers) - 1)].state_dict())
+        if num_heads > len(layers):
+            warnings.warn(f"MultiTokenHeads.from_model: the checkpoint has {len(layers)} MTP layer(s); depths "
+                          f"{len(layers) + 1}..{num_heads} start as copies of depth {len(layers)}", stacklevel=2)
+        return heads
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """Dtype of the heads' weights."""
+        return next(self.blocks.parameters()).dtype
 
     # -- description -----------------------------------------------------------------------------------
     @property
@@ -243,6 +321,8 @@ class MultiTokenHeads(nn.Module):
             past_length: Positions already in ``cache``.
             segments: ``(B, past_length + T)`` sample numbers of a packed batch, or ``None``.
         """
+        if self.architecture == "mtp":
+            raise ValueError("MultiTokenHeads.head_states: MTP depths are chained; use all_head_states")
         block = self.blocks[k - 1]
         dtype = next(block.parameters()).dtype
         hidden = trunk.hidden.to(dtype)
@@ -258,13 +338,34 @@ class MultiTokenHeads(nn.Module):
         out = block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    def all_head_states(self, model: nn.Module, trunk: Trunk, attention_mask: Optional[Tensor] = None,
+                        segments: Optional[Tensor] = None, depths: Optional[int] = None) -> Iterator[Tensor]:
+        """Hidden states of heads ``1..depths`` in order (see :meth:`head_states`); MTP depths are chained, each
+        ``(B, T - k, D)``, where the others are independent ``(B, T, D)``.
+
+        Args:
+            model: The causal LM the heads belong to.
+            trunk: The trunk of the positions to run.
+            attention_mask: ``(B, T)`` padding mask, or ``None``.
+            segments: ``(B, T)`` sample numbers of a packed batch, or ``None``.
+            depths: How many heads. Default ``None``: all.
+        """
+        if self.architecture == "mtp":
+            from lightning_tokens.heads.mtp import training_states
+
+            yield from training_states(self, model, trunk, attention_mask, segments, depths)
+            return
+        for k in range(1, (depths or self.num_heads) + 1):
+            yield self.head_states(k, trunk, attention_mask, segments=segments)
+
     def unembedding(self, model: nn.Module, k: int) -> nn.Module:
         """The output layer of head ``k``: its own copy, or the model's ``lm_head``."""
         return self.unembeddings[k - 1] if self.unembeddings is not None else causal_lm_of(model).get_output_embeddings()
 
     def normed(self, model: nn.Module, k: int, states: Tensor) -> Tensor:
         """Head ``k``'s hidden states through the model's final norm, in the dtype of its unembedding."""
-        norm = final_norm(causal_lm_of(model))
+        # an MTP depth ends with its own final norm
+        norm = nn.Identity() if self.architecture == "mtp" else final_norm(causal_lm_of(model))
         normed = norm(states.to(_param_dtype(norm, states.dtype)))
         return normed.to(_param_dtype(self.unembedding(model, k), normed.dtype))
 
@@ -276,7 +377,8 @@ class MultiTokenHeads(nn.Module):
     def forward(self, model: nn.Module, trunk: Trunk, attention_mask: Optional[Tensor] = None) -> list[Tensor]:
         """Full logits ``(B, T, V)`` of every head, a list of K. For inspection and tests: training should use
         :func:`~lightning_tokens.heads.loss.head_losses`, which never builds them."""
-        return [self.project(model, k, self.head_states(k, trunk, attention_mask)) for k in range(1, self.num_heads + 1)]
+        states = self.all_head_states(model, trunk, attention_mask)
+        return [self.project(model, k, item) for k, item in enumerate(states, start=1)]
 
     # -- saving ----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, state_dict: Optional[dict[str, Tensor]] = None) -> Path:

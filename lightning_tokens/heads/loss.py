@@ -59,7 +59,7 @@ def head_losses(heads: MultiTokenHeads, model: nn.Module, trunk: Trunk, labels: 
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     length = labels.shape[1]
     results = []
-    for k in range(1, heads.num_heads + 1):
+    for k, states in enumerate(heads.all_head_states(model, trunk, attention_mask, segments), start=1):
         shift = 1 + k
         if length <= shift:
             zero = trunk.hidden.new_zeros((), dtype=torch.float32)
@@ -75,7 +75,7 @@ def head_losses(heads: MultiTokenHeads, model: nn.Module, trunk: Trunk, labels: 
         if segments is not None:
             valid = valid & (segments[:, : length - shift] == segments[:, shift:])
         count = valid.sum()
-        states = heads.head_states(k, trunk, attention_mask, segments=segments)[:, : length - shift][valid]
+        states = states[:, : length - shift][valid]
         rows = heads.normed(model, k, states)
         # CE_k is a plain mean, so each row's weight is known now: the fused path finishes its gradients in forward.
         scale = torch.ones(rows.shape[0], device=rows.device) / count.clamp_min(1)

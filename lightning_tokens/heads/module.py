@@ -40,7 +40,9 @@ class MultiTokenHeadsModule(ClipsMixedGradients, LightningModule):
         model: The base model. Default ``ModelSpec()``: a tiny Llama. Quantized bases need LoRA to load and are
             not supported here; use a bf16 base.
         num_heads: Number of heads K. Default ``4``.
-        architecture: ``"layer"`` or ``"resblock"``. Default ``"layer"``.
+        architecture: ``"layer"``, ``"resblock"`` or ``"mtp"`` (the model's own kind of MTP layers, fresh; a model
+            whose checkpoint has trained ones needs no stage 1: see :meth:`MultiTokenHeads.from_model`). Default
+            ``"layer"``.
         separate_unembedding: Own unembedding per head, initialised from ``lm_head``. Default ``False``.
         gamma: Decay of the head weights. Default ``0.8``.
         optimizer: Default :func:`stage1_optimizer` (8-bit AdamW, lr 1e-4, 300 warm-up steps, cosine).
@@ -85,7 +87,7 @@ class MultiTokenHeadsModule(ClipsMixedGradients, LightningModule):
 
     def _losses(self, batch: dict):
         base = causal_lm_of(self.model)
-        with torch.no_grad(), capture_trunk(base) as holder:
+        with torch.no_grad(), capture_trunk(base, final=self.heads.architecture == "mtp") as holder:
             base.base_model(**{**model_inputs(batch, labels=False), "use_cache": False})
         trunk = holder["trunk"].detach()
         # A packed batch (SFTDataModule(packing=True)) has no attention mask: its samples are told by position ids.

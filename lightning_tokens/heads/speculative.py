@@ -86,7 +86,7 @@ class _HeadDrafter:
         self.caches = [DynamicCache() if heads.architecture == "layer" else None for _ in range(num_draft)]
         self.length = 0
 
-    def advance(self, trunk: Trunk, slot_mask: Tensor, last: Tensor) -> Tensor:
+    def advance(self, trunk: Trunk, slot_mask: Tensor, last: Tensor, *unused) -> Tensor:
         """``(B, K)`` drafts after slot ``last[b]`` of the new ``trunk`` positions; ``slot_mask`` covers all slots."""
         rows = torch.arange(trunk.hidden.shape[0], device=last.device)
         drafts = []
@@ -172,20 +172,27 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
     heads.eval()
     stats = SpeculativeStats(row_drafted=[0] * batch, row_accepted=[0] * batch, row_forwards=[1] * batch)
     cache = DynamicCache(config=base.config)
-    drafter = _HeadDrafter(heads, base, num_draft)
+    mtp = heads.architecture == "mtp"
+    if mtp:
+        from lightning_tokens.heads.mtp_drafter import MtpDrafter
+
+        drafter = MtpDrafter(heads, base, num_draft, input_ids, mask, max_new_tokens)
+    else:
+        drafter = _HeadDrafter(heads, base, num_draft)
     prompt_lengths = mask.sum(1).tolist()
     keyword = cache_keyword(base)
     try:
         # positions as generate gives them: real tokens count from 0, padding sits at 1
         positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
-        with capture_trunk(base) as holder:
+        with capture_trunk(base, final=mtp) as holder:
             logits = base(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                           **{keyword: cache}).logits
-            stats.forwards += 1
-            last = torch.full((batch,), input_ids.shape[1] - 1, device=device)
-            drafts = drafter.advance(holder["trunk"], mask, last).tolist()
+        stats.forwards += 1
         generated = [[token] for token in logits[:, -1].argmax(-1).tolist()]
         active = [max_new_tokens > 1 and row[-1] not in eos for row in generated]
+        last = torch.full((batch,), input_ids.shape[1] - 1, device=device)
+        drafts = drafter.advance(holder["trunk"], mask, last, positions, generated,
+                                 [not a for a in active]).tolist()
         slot_mask = mask
         while any(active):
             proposals = [drafts[b][: max_new_tokens - len(generated[b])] if active[b] else [] for b in range(batch)]
@@ -199,7 +206,7 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
             # a finished row's slots are all masked; an active row sees all of its candidate while verifying
             live = torch.tensor(active, device=device)[:, None].long().expand(batch, width)
             past = cache.get_seq_length()
-            with capture_trunk(base) as holder:
+            with capture_trunk(base, final=mtp) as holder:
                 logits = base(input_ids=candidate, attention_mask=torch.cat([slot_mask, live], 1),
                               position_ids=positions, use_cache=True, **{keyword: cache}).logits
                 stats.forwards += 1
@@ -220,10 +227,10 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
                 # a row keeps its next token's slot and its accepted drafts; rejected drafts stay masked
                 kept_slots = torch.arange(used, device=device)[None] <= torch.tensor(kept, device=device)[:, None]
                 slot_mask = torch.cat([slot_mask, (kept_slots & live[:, :used].bool()).long()], 1)
-                drafts = drafter.advance(holder["trunk"].narrow(0, used), slot_mask,
-                                         torch.tensor(kept, device=device)).tolist()
-            active = [active[b] and len(generated[b]) < max_new_tokens and generated[b][-1] not in eos
-                      for b in range(batch)]
+                active = [active[b] and len(generated[b]) < max_new_tokens and generated[b][-1] not in eos
+                          for b in range(batch)]
+                drafts = drafter.advance(holder["trunk"].narrow(0, used), slot_mask, torch.tensor(kept, device=device),
+                                         positions[:, :used], generated, [not a for a in active]).tolist()
     finally:
         model.train(was_training)
         heads.train(heads_training)
