@@ -98,14 +98,16 @@ def naive_caft_loss(model, mtp: MtpModel, batch, beta, gamma, s):
     return total
 
 
-def test_caft_on_the_checkpoints_own_mtp_layers_in_a_user_module(checkpoint, tmp_path):
+@pytest.mark.parametrize("keep_logits", [False, True])
+def test_caft_on_the_checkpoints_own_mtp_layers_in_a_user_module(checkpoint, keep_logits):
     path, written = checkpoint
     module = UserModule(path)
     reference = copy.deepcopy(module.net).eval()
     mtp = MtpModel(reference, 2).eval()
     mtp.layers.load_state_dict(written.blocks.state_dict())
     batch = user_batch(module.net.config.vocab_size)
-    callback = ConceptAwareFineTuning(architecture="mtp", num_heads=None, beta=0.5)  # no heads_path, no stage 1
+    # no heads_path, no stage 1; with keep_logits the depths read the output head's input instead of ctx.hidden
+    callback = ConceptAwareFineTuning(architecture="mtp", num_heads=None, beta=0.5, keep_logits=keep_logits)
     run = trainer(max_steps=2, log_every_n_steps=1, callbacks=[callback])
     run.fit(module, DataLoader([batch, batch], batch_size=None))
     for name, tensor in module.caft_heads.state_dict().items():  # the checkpoint's own layers, frozen

@@ -239,7 +239,11 @@ class MultiTokenHeads(nn.Module):
             from lightning_tokens.heads.mtp import build_mtp_layers
 
             self.blocks, self.shared_post_norm = build_mtp_layers(base, num_heads)
-            if init_from_model:
+            same_kind = set(dict(self.blocks[0].mtp_block.named_parameters())) == set(dict(last.named_parameters()))
+            if init_from_model and not same_kind:  # e.g. a dense last layer where MTP layers use experts
+                warnings.warn(f"MultiTokenHeads: the last decoder layer's weights do not fit an MTP layer of "
+                              f"{type(base).__name__}; the MTP layers start from a fresh initialisation", stacklevel=2)
+            if init_from_model and same_kind:
                 for layer in self.blocks:
                     _copy_from_layer(layer.mtp_block, last)
         else:
