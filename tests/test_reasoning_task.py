@@ -91,8 +91,13 @@ def test_splits_use_different_streams():
         task.problems("test")
 
 
+def _from_words(line: str) -> str:
+    """A ``words`` line back in symbols, written independently of the renderer."""
+    return line.replace("negative ", "-").replace(" minus ", "-").replace(" plus ", "+").replace(" is ", "=")
+
+
 @pytest.mark.parametrize("preset", ["easy", "medium", "hard"])
-@pytest.mark.parametrize("style", ["concise", "verbose"])
+@pytest.mark.parametrize("style", ["concise", "verbose", "words"])
 def test_answers_and_every_trace_line_are_true(preset, style):
     task = ReasoningTask.preset(preset, num_train=150, style=style)
     for problem, record in zip(task.problems("train"), task.records("train")):
@@ -101,15 +106,19 @@ def test_answers_and_every_trace_line_are_true(preset, style):
         assert record["answer"] == str(expected)
         assert check_answer(record["completion"], expected)
         for line in render_thinking(problem, style).split("\n"):
-            _check_line(line)
+            _check_line(_from_words(line) if style == "words" else line)
+        if style == "words":
+            assert not any(ch in render_thinking(problem, style) for ch in "+=")
 
 
 def test_negative_running_values_are_handled():
     for problem in [Problem((3, 7, 20), ("-", "-")), Problem((5, 90, 60), ("-", "+")), Problem((5, 9, 4), ("-", "+"))]:
-        for style in ("concise", "verbose"):
+        for style in ("concise", "verbose", "words"):
             for line in render_thinking(problem, style).split("\n"):
-                _check_line(line)
+                _check_line(_from_words(line) if style == "words" else line)
             assert extract_answer(render_completion(problem, style)) == str(problem.answer)
+    assert render_thinking(Problem((5, 90, 60), ("-", "+")), "words").split("\n")[0] == \
+        "5 minus 90 is negative (90 minus 5)"
 
 
 def test_presets_bounds():

@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 THINK_START = "<think>"
 THINK_END = "</think>"
 
-STYLES = ("concise", "verbose", "mixed")
+STYLES = ("concise", "verbose", "words", "mixed")
 SPLITS = ("train", "val")
 PRESETS: dict[str, dict[str, int]] = {
     "easy": {"min_digits": 1, "max_digits": 2, "min_operands": 2, "max_operands": 2},
@@ -241,13 +241,17 @@ def render_thinking(problem: Problem, style: str = "concise") -> str:
 
     Args:
         problem: The problem to solve.
-        style: ``"concise"`` or ``"verbose"``. Defaults to ``"concise"``.
+        style: ``"concise"``, ``"verbose"`` or ``"words"`` (the concise steps with the operators spelled out:
+            ``5 plus 1 is 6, write 6``; ``mixed`` never picks it, so a model trained on mixed data has not seen
+            it). Defaults to ``"concise"``.
 
     Returns:
         The trace, one step per line, without a trailing newline.
     """
-    if style not in ("concise", "verbose"):
-        raise ValueError(f"style must be 'concise' or 'verbose', got {style!r}")
+    if style not in ("concise", "verbose", "words"):
+        raise ValueError(f"style must be 'concise', 'verbose' or 'words', got {style!r}")
+    if style == "words":
+        return "\n".join(_in_words(line) for line in render_thinking(problem, "concise").split("\n"))
     verbose = style == "verbose"
     lines: list[str] = []
     value = problem.operands[0]
@@ -259,6 +263,18 @@ def render_thinking(problem: Problem, style: str = "concise") -> str:
     if verbose:
         lines.append(f"result: {problem.expression('')}={value}")
     return "\n".join(lines)
+
+
+def _in_words(line: str) -> str:
+    """A concise step with its operators spelled out: ``-(5-2)=-3`` -> ``negative (5 minus 2) is negative 3``."""
+    out = []
+    for i, ch in enumerate(line):
+        if ch == "-":
+            unary = i == 0 or line[i - 1] in "=("
+            out.append("negative " if unary else " minus ")
+        else:
+            out.append({"+": " plus ", "=": " is "}.get(ch, ch))
+    return "".join(out)
 
 
 def render_answer(answer: int | str) -> str:
@@ -275,7 +291,7 @@ def render_completion(problem: Problem, style: str = "concise") -> str:
 
     Args:
         problem: The problem to solve.
-        style: ``"concise"`` or ``"verbose"``. Defaults to ``"concise"``.
+        style: ``"concise"``, ``"verbose"`` or ``"words"``. Defaults to ``"concise"``.
     """
     thinking = render_thinking(problem, style)
     return f"{THINK_START}\n{thinking}\n{THINK_END}\n{render_answer(problem.answer)}"
@@ -286,8 +302,8 @@ def render_corpus(problems: Iterable[Problem], style: str = "concise", seed: int
 
     Args:
         problems: Problems to render.
-        style: ``"concise"``, ``"verbose"`` or ``"mixed"`` (a seeded random
-            choice per problem). Defaults to ``"concise"``.
+        style: ``"concise"``, ``"verbose"``, ``"words"`` or ``"mixed"`` (a seeded
+            random choice of concise or verbose per problem). Defaults to ``"concise"``.
         seed: Seed of the style choice when ``style="mixed"``. Defaults to ``0``.
 
     Returns:
@@ -444,8 +460,8 @@ class ReasoningTask:
         max_digits: Most digits of an operand. Defaults to ``2``.
         min_operands: Fewest operands per problem (at least 2). Defaults to ``2``.
         max_operands: Most operands per problem. Defaults to ``2``.
-        style: Thinking style: ``"concise"``, ``"verbose"`` or ``"mixed"``
-            (seeded random choice per problem). Defaults to ``"concise"``.
+        style: Thinking style: ``"concise"``, ``"verbose"``, ``"words"`` (operators spelled out) or
+            ``"mixed"`` (seeded random choice of concise or verbose per problem). Defaults to ``"concise"``.
         noise: Fraction of response units corrupted in a noisy training
             record, in ``[0, 1)``. Defaults to ``0.0``.
         noisy_fraction: Fraction of training records that receive noise, in
