@@ -1,0 +1,1 @@
+"""The experiments of ``benchmarks/evidence.py``: each method as its paper ran it, on one pretrained base."""

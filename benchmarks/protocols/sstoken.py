@@ -1,0 +1,141 @@
+"""ssToken as its paper ran it: LoRA r=64 on a pretrained base, one epoch over fresh samples, history = base.
+
+Every method trains the same LoRA adapters on the same noisy samples of a seed (same problems, same noise, same
+order) and is scored on the same held-out problems by greedy exact match:
+
+- ``sft``: every response token; ``sstoken``: rho 0.6, gamma 0.5, attention only for the first 20% of steps;
+- ``loss`` (REL only), ``attention`` (attention only), ``random`` (a random 60% of each response);
+- ``rho1``: Rho-1's excess loss against a reference model, the base fine-tuned (LoRA, merged) on clean samples.
+
+The audit counts, in noisy samples, how many noise tokens and how many clean response tokens each method keeps:
+a method that filters noise keeps noise below its 60% budget and clean tokens above it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+METHODS = ("sft", "sstoken", "loss", "attention", "random", "rho1")
+
+#: LoRA of the paper (r 64, alpha 16, dropout 0.1, every linear projection).
+LORA = {"r": 64, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": "all-linear"}
+
+
+def task(settings: dict[str, Any], clean: bool = False):
+    """The fine-tuning task: fresh training problems (``num_train`` of them, one epoch) and held-out ones."""
+    from lightning_tokens import ReasoningTask
+
+    return ReasoningTask.preset(settings["preset"], style=settings["style"], num_train=settings["num_train"],
+                                num_val=settings["num_eval"], seed=settings["task_seed"] + (1 if clean else 0))
+
+
+def trainer(callbacks=(), validate: bool = True):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, precision="32-true", gradient_clip_val=1.0,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=1.0 if validate else 0, callbacks=list(callbacks))
+
+
+def module(base: str, settings: dict[str, Any], seed: int):
+    from lightning_tokens import CausalLMModule, ModelSpec, OptimizerConfig
+
+    optimizer = OptimizerConfig(name="adamw", lr=settings["lr"], warmup=0.03, schedule="linear", weight_decay=0.0)
+    return CausalLMModule(model=ModelSpec(name_or_path=base, lora=dict(LORA), seed=seed), optimizer=optimizer,
+                          max_new_tokens=settings["max_new_tokens"])
+
+
+def build_reference(base: str, settings: dict[str, Any], out: Path) -> Path:
+    """Rho-1's reference: the base fine-tuned with the same LoRA on clean problems (other seed), merged."""
+    import lightning.pytorch as pl
+
+    from lightning_tokens import SFTDataModule
+
+    target = out / "reference"
+    if (target / "config.json").is_file():
+        return target
+    pl.seed_everything(0, verbose=False)
+    model = module(base, settings, seed=0)
+    data = SFTDataModule(task=task(settings, clean=True), max_length=settings["max_length"],
+                         batch_size=settings["batch_size"], seed=0)
+    trainer(validate=False).fit(model, datamodule=data)
+    model.export(target, merge_lora=True)
+    return target
+
+
+def audit_callback(masks: dict[str, list[bool]]):
+    """A callback counting, over noisy samples, the noise and clean target tokens that keep a weight."""
+    import torch
+
+    from lightning_tokens.selection.scoring import row_keys
+    from lightning_tokens.token_loss import TokenLossCallback
+
+    class NoiseAudit(TokenLossCallback):
+        def __init__(self):
+            super().__init__()
+            self.counts = dict(noise=0, noise_kept=0, clean=0, clean_kept=0)
+
+        def reshape_token_loss(self, ctx):
+            kept = (ctx.weights > 0).cpu()
+            targets = ctx.target_mask.cpu()
+            for row, key, _ in row_keys(ctx.input_ids, ctx.attention_mask, ctx.labels):
+                mask = masks.get(key)
+                if mask is None:
+                    continue
+                for is_noise, keep in zip(mask, kept[row][targets[row]].tolist()):
+                    name = "noise" if is_noise else "clean"
+                    self.counts[name] += 1
+                    self.counts[name + "_kept"] += int(keep)
+
+    torch.set_float32_matmul_precision("high")
+    return NoiseAudit()
+
+
+def run_one(method: str, seed: int, base: str, settings: dict[str, Any], reference: Optional[str] = None) -> dict:
+    """Fine-tune ``base`` with ``method`` on the noisy samples of ``seed``; held-out exact match and the audit."""
+    import lightning.pytorch as pl
+
+    from lightning_tokens import ModelSpec
+    from lightning_tokens.selection import TokenSelection
+
+    from protocols.noise import NoiseSettings, NoisySFTDataModule
+
+    pl.seed_everything(seed, verbose=False)
+    model = module(base, settings, seed)
+    data = NoisySFTDataModule(noise=NoiseSettings(**settings["noise"]), noise_seed=seed,
+                              task=task(settings), max_length=settings["max_length"],
+                              batch_size=settings["batch_size"], eval_batch_size=settings["eval_batch_size"],
+                              seed=seed)
+    data.tokenizer = model.tokenizer
+    data.setup("fit")
+    audit = audit_callback(data.noise_masks)
+    callbacks = [] if method == "sft" else [TokenSelection(
+        mode=method, seed=seed, reference=ModelSpec(name_or_path=reference) if method == "rho1" else None)]
+    run = trainer([*callbacks, audit])
+    started = time.time()
+    run.fit(model, datamodule=data)
+    metrics = {k: float(v) for k, v in run.callback_metrics.items()}
+    c = audit.counts
+    return dict(method=method, seed=seed, steps=run.global_step, seconds=time.time() - started,
+                exact_match=metrics["val/exact_match"], val_loss=metrics["val/loss"],
+                kept_noise=c["noise_kept"] / max(1, c["noise"]), kept_clean=c["clean_kept"] / max(1, c["clean"]),
+                noise_tokens=c["noise"], clean_tokens=c["clean"])
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: exact match mean and spread per method, and the kept rates of noise and clean tokens."""
+    lines = ["| method | exact match % (mean ± sd) | per seed | kept noise / kept clean tokens (noisy samples) |",
+             "|---|---|---|---|"]
+    for method in METHODS:
+        rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["seed"])
+        if not rows:
+            continue
+        em = [100 * r["exact_match"] for r in rows]
+        sd = statistics.stdev(em) if len(em) > 1 else 0.0
+        kn, kc = (statistics.mean(r[k] for r in rows) for k in ("kept_noise", "kept_clean"))
+        lines.append(f"| {method} | {statistics.mean(em):.1f} ± {sd:.1f} | {', '.join(f'{e:.1f}' for e in em)} | "
+                     f"{kn:.2f} / {kc:.2f} |")
+    return "\n".join(lines)
