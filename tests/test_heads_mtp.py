@@ -145,6 +145,19 @@ def test_export_writes_native_layout_read_back_by_transformers(model_type, tmp_p
         assert torch.equal(a, b), name
 
 
+def test_export_of_a_sharded_checkpoint_adds_an_mtp_shard_to_the_index(tmp_path):
+    import json
+
+    model = tiny("glm4_moe")
+    heads = noisy(MultiTokenHeads(model, num_heads=2, architecture="mtp"))
+    export_mtp(model, heads, tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 2 and index["model.layers.3.eh_proj.weight"] == "model-mtp.safetensors"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, tensor in MultiTokenHeads.from_model(loaded).state_dict().items():
+        assert torch.equal(tensor, heads.state_dict()[name]), name
+
+
 def chain_states(mtp: MtpModel, model, row: list[int]) -> list[torch.Tensor]:
     """Every depth's states over one unpadded row, through transformers' MtpModel.forward_layer."""
     x = torch.tensor([row])

@@ -207,7 +207,7 @@ def training_states(heads: "MultiTokenHeads", model: nn.Module, trunk: "Trunk",
 
 
 def export_mtp(model: nn.Module, heads: "MultiTokenHeads", path: str | os.PathLike,
-               include_shared: bool = True, tokenizer=None) -> Path:
+               include_shared: bool = True, tokenizer=None, max_shard_size: Optional[str] = None) -> Path:
     """Write ``model`` with ``heads`` as its MTP layers, in the layout of its own checkpoints.
 
     The model is written by ``save_pretrained`` (LoRA adapters merged into a copy first); depth ``k`` is added
@@ -225,6 +225,8 @@ def export_mtp(model: nn.Module, heads: "MultiTokenHeads", path: str | os.PathLi
             (``embed_tokens``, ``shared_head.head``), as DeepSeek-V3's own checkpoint carries. transformers does
             not read them. Default ``True``.
         tokenizer: Written to ``path`` too when given. Default ``None``.
+        max_shard_size: ``save_pretrained``'s shard size (``"5GB"``...); the MTP layers then go to a shard of
+            their own, ``model-mtp.safetensors``, listed in the index. Default ``None``: transformers' default.
 
     Raises:
         ValueError: ``heads`` are not MTP heads, or the model is quantized.
@@ -265,7 +267,7 @@ def export_mtp(model: nn.Module, heads: "MultiTokenHeads", path: str | os.PathLi
     depths_before = getattr(config, "num_mtp_layers", None)
     config.num_mtp_layers = heads.num_heads
     try:
-        base.save_pretrained(path)
+        base.save_pretrained(path, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
     finally:
         config.num_mtp_layers = depths_before
     if tokenizer is not None:
