@@ -314,7 +314,8 @@ class MultiTokenHeads(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------
     def head_states(self, k: int, trunk: Trunk, attention_mask: Optional[Tensor] = None,
-                    cache: Any = None, past_length: int = 0, segments: Optional[Tensor] = None) -> Tensor:
+                    cache: Any = None, past_length: int = 0, segments: Optional[Tensor] = None,
+                    additive_mask: Optional[Tensor] = None) -> Tensor:
         """Hidden states of head ``k`` (1-based) over the trunk, before the final norm: ``(B, T, D)``.
 
         Args:
@@ -324,6 +325,8 @@ class MultiTokenHeads(nn.Module):
             cache: A transformers ``Cache`` of this head's own past keys/values (decoding), or ``None``.
             past_length: Positions already in ``cache``.
             segments: ``(B, past_length + T)`` sample numbers of a packed batch, or ``None``.
+            additive_mask: The :func:`causal_additive_mask` of the call, when the caller has it already (one
+                mask serves every layer head); ``None`` builds it.
         """
         if self.architecture == "mtp":
             raise ValueError("MultiTokenHeads.head_states: MTP depths are chained; use all_head_states")
@@ -333,7 +336,8 @@ class MultiTokenHeads(nn.Module):
         if self.architecture == "resblock":
             return block(hidden)
         batch, length = hidden.shape[:2]
-        mask = causal_additive_mask(attention_mask, length, past_length, dtype, hidden.device, batch, segments)
+        mask = additive_mask if additive_mask is not None else causal_additive_mask(
+            attention_mask, length, past_length, dtype, hidden.device, batch, segments)
         kwargs: dict[str, Any] = {"attention_mask": mask, cache_keyword(block): cache, "use_cache": cache is not None}
         if trunk.position_embeddings is not None:
             kwargs["position_embeddings"] = tuple(p.to(dtype) for p in trunk.position_embeddings)
@@ -372,6 +376,21 @@ class MultiTokenHeads(nn.Module):
         norm = nn.Identity() if self.architecture == "mtp" else final_norm(causal_lm_of(model))
         normed = norm(states.to(_param_dtype(norm, states.dtype)))
         return normed.to(_param_dtype(self.unembedding(model, k), normed.dtype))
+
+    def projector(self, model: nn.Module, k: int):
+        """:meth:`project` for head ``k`` with the model's modules looked up once: a function of the states, for
+        decoding loops that project a few rows per step."""
+        norm = nn.Identity() if self.architecture == "mtp" else final_norm(causal_lm_of(model))
+        unembedding = self.unembedding(model, k)
+        projection = OutputProjection(model, unembedding)
+        norm_dtype = _param_dtype(norm, None)
+        head_dtype = _param_dtype(unembedding, None)
+
+        def project(states: Tensor) -> Tensor:
+            normed = norm(states if norm_dtype is None else states.to(norm_dtype))
+            return projection(normed if head_dtype is None else normed.to(head_dtype))
+
+        return project
 
     def project(self, model: nn.Module, k: int, states: Tensor) -> Tensor:
         """Logits of head ``k`` from its hidden states (any leading shape): final norm, then unembedding, then the

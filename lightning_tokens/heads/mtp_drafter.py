@@ -37,6 +37,7 @@ class MtpDrafter:
         from transformers import DynamicCache
 
         self.heads, self.model, self.num_draft = heads, model, num_draft
+        self.projectors = [heads.projector(model, k) for k in range(1, num_draft + 1)]
         self.cache = DynamicCache()
         batch, device = prompt_ids.shape[0], prompt_ids.device
         self.prompt_lengths = prompt_mask.sum(1)
@@ -84,7 +85,7 @@ class MtpDrafter:
             ahead = (window_positions + k).clamp(0, limit)
             previous = depth_states(self.heads, self.model, k, previous, self.tokens.gather(1, ahead), ahead, mask,
                                     self.cache)
-            draft = self.heads.project(self.model, k, previous[rows, frontier]).argmax(-1)
+            draft = self.projectors[k - 1](previous[rows, frontier]).argmax(-1)
             self.tokens[rows, (verified + 1 + k).clamp(max=limit)] = draft.to(self.tokens.dtype)
             drafts.append(draft)
         # slots final for every depth: masked ones, those of finished rows, and positions p with p + K <= P + 1

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_tokens.heads.heads import MultiTokenHeads, Trunk, capture_trunk
+from lightning_tokens.heads.heads import MultiTokenHeads, Trunk, capture_trunk, causal_additive_mask
 from lightning_tokens.modeling import cache_keyword, causal_lm_of
 
 
@@ -84,16 +84,21 @@ class _HeadDrafter:
 
         self.heads, self.model, self.num_draft = heads, model, num_draft
         self.caches = [DynamicCache() if heads.architecture == "layer" else None for _ in range(num_draft)]
+        self.projectors = [heads.projector(model, k) for k in range(1, num_draft + 1)]
         self.length = 0
 
     def advance(self, trunk: Trunk, slot_mask: Tensor, last: Tensor, *unused) -> Tensor:
         """``(B, K)`` drafts after slot ``last[b]`` of the new ``trunk`` positions; ``slot_mask`` covers all slots."""
-        rows = torch.arange(trunk.hidden.shape[0], device=last.device)
+        batch, width = trunk.hidden.shape[:2]
+        rows = torch.arange(batch, device=last.device)
+        mask = None
+        if self.heads.architecture == "layer":  # the same for every head: built once per round
+            mask = causal_additive_mask(slot_mask, width, self.length, self.heads.weight_dtype, last.device, batch)
         drafts = []
         for k in range(1, self.num_draft + 1):  # heads past num_draft are never run
-            states = self.heads.head_states(k, trunk, slot_mask, self.caches[k - 1], self.length)
-            drafts.append(self.heads.project(self.model, k, states[rows, last]).argmax(-1))
-        self.length += trunk.hidden.shape[1]
+            states = self.heads.head_states(k, trunk, slot_mask, self.caches[k - 1], self.length, additive_mask=mask)
+            drafts.append(self.projectors[k - 1](states[rows, last]).argmax(-1))
+        self.length += width
         return torch.stack(drafts, 1)
 
 
