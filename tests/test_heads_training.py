@@ -328,3 +328,26 @@ def test_missing_heads_fail_unless_fresh_heads_are_allowed(tmp_path):
         callback.setup(None, module, "fit")
     assert module.caft_heads.num_heads == 2
     callback.teardown(None, module, "fit")
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "interrupt"])
+def test_an_interrupted_stage1_writes_no_heads(tmp_path, stop):
+    import os
+    import signal
+
+    class Stop(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0 and stop == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            elif batch_idx == 0:
+                raise KeyboardInterrupt  # Ctrl-C: Lightning shuts the fit down gracefully
+
+    module = MultiTokenHeadsModule(model=ModelSpec(config=tiny_config("llama")), num_heads=1,
+                                   optimizer=OptimizerConfig(lr=1e-2, warmup=0), heads_path=str(tmp_path / "heads"))
+    run = trainer(max_steps=5, callbacks=[Stop()])
+    try:
+        run.fit(module, datamodule=task_data())
+    except (Exception, SystemExit, KeyboardInterrupt):
+        pass  # how Lightning ends an interrupted fit varies by version; what matters is what it leaves behind
+    assert run.global_step < 5
+    assert not (tmp_path / "heads").exists()
