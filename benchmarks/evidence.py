@@ -50,6 +50,7 @@ def sstoken_part(args, base: Path) -> str:
     runs = [(f"{method}-{seed}", dict(method=method, seed=seed, base=str(base), settings=settings,
                                       reference=str(reference)))
             for seed in seeds for method in sstoken.METHODS]
+    runs.insert(0, ("base-0", dict(method="base", seed=0, base=str(base), settings=settings, reference=None)))
     results = run_all("sstoken", runs, out, args.jobs)
     return sstoken.table(results)
 

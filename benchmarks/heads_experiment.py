@@ -12,6 +12,11 @@
    steps, for each seed; held-out exact match by greedy generation on ``--num-val`` medium problems.
 
 Steps 1 and 2 are cached under ``--out``. Prints a markdown table (mean, standard deviation, per seed).
+
+``--layers`` and ``--hidden`` size the base (default 4 and 128, the tiny Llama above; the attention heads
+are 32 wide, the MLP 2.75x); a cached base of another size is refused. ``--architecture resblock`` trains
+Medusa resblock heads instead, into ``heads-resblock/`` (layer heads stay in ``heads/``) on the same base and
+distilled answers. ``benchmarks/heads_speculative.py --prepare`` builds base and heads through these functions.
 """
 
 from __future__ import annotations
@@ -38,39 +43,64 @@ def trainer(steps: int, callbacks=(), val: bool = False) -> pl.Trainer:
                       limit_val_batches=1.0 if val else 0, callbacks=list(callbacks), gradient_clip_val=1.0)
 
 
-def base_model(args) -> Path:
-    path = Path(args.out) / "base"
+def base_config(layers: int = 4, hidden: int = 128) -> dict:
+    """Config of a tiny Llama base; the defaults give exactly ``TINY_DEFAULTS["llama"]``."""
+    return {"model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden,
+            "intermediate_size": hidden * 11 // 4, "num_attention_heads": hidden // 32,
+            "num_key_value_heads": max(1, hidden // 64)}
+
+
+def base_model(out: str, steps: int, layers: int = 4, hidden: int = 128) -> Path:
+    """The base under ``out/base``: trained with plain SFT on ``easy`` for ``steps`` steps, or reused if there."""
+    path = Path(out) / "base"
     if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        found = (config["num_hidden_layers"], config["hidden_size"])
+        if found != (layers, hidden):
+            raise SystemExit(f"{path} holds a base of {found[0]} layers x {found[1]} wide, not the requested "
+                             f"{layers} x {hidden}: pick another --out")
         return path
     pl.seed_everything(1000)
-    module = CausalLMModule(ModelSpec(config={"model_type": "llama"}, seed=1000),
+    module = CausalLMModule(ModelSpec(config=base_config(layers, hidden), seed=1000),
                             OptimizerConfig(lr=3e-3, weight_decay=0.01, warmup=0.05), max_new_tokens=0)
-    data = SFTDataModule(task=ReasoningTask.preset("easy", num_train=args.base_steps * 32, num_val=8, seed=1000),
+    data = SFTDataModule(task=ReasoningTask.preset("easy", num_train=steps * 32, num_val=8, seed=1000),
                          max_length=256, batch_size=32)
-    trainer(args.base_steps).fit(module, datamodule=data)
+    trainer(steps).fit(module, datamodule=data)
     return module.export(path)
 
 
-def stage1_heads(args, base: Path) -> Path:
-    path = Path(args.out) / "heads"
+def heads_dir(out: str, architecture: str = "layer") -> Path:
+    """Where stage-1 heads of ``architecture`` live: ``heads/`` for layer heads, ``heads-<architecture>/`` else."""
+    return Path(out) / ("heads" if architecture == "layer" else f"heads-{architecture}")
+
+
+def stage1_file(out: str, architecture: str = "layer") -> Path:
+    """Held-out head accuracy of stage 1: ``stage1.json`` for layer heads, ``stage1-<architecture>.json`` else."""
+    return Path(out) / ("stage1.json" if architecture == "layer" else f"stage1-{architecture}.json")
+
+
+def stage1_heads(out: str, base: Path, distill: int, steps: int, architecture: str = "layer") -> Path:
+    """4 heads of ``architecture`` trained ``steps`` steps on ``distill`` self-distilled answers of the base
+    (``out/distilled.jsonl``, shared by all architectures), or reused if there; see :func:`stage1_file`."""
+    path = heads_dir(out, architecture)
     if (path / "heads.safetensors").is_file():
         return path
     spec = ModelSpec(name_or_path=str(base))
-    module = MultiTokenHeadsModule(spec, num_heads=4, optimizer=OptimizerConfig(lr=1e-3, warmup=0.05),
-                                   heads_path=str(path))
-    records = ReasoningTask.preset("easy", num_train=args.distill, num_val=8, seed=2000).records("train")
-    distilled = Path(args.out) / "distilled.jsonl"
+    module = MultiTokenHeadsModule(spec, num_heads=4, architecture=architecture,
+                                   optimizer=OptimizerConfig(lr=1e-3, warmup=0.05), heads_path=str(path))
+    records = ReasoningTask.preset("easy", num_train=distill, num_val=8, seed=2000).records("train")
+    distilled = Path(out) / "distilled.jsonl"
     if not distilled.is_file():
         module.model.to("cuda" if torch.cuda.is_available() else "cpu")
         self_distill(module.model, module.tokenizer, [r["prompt"] for r in records], distilled,
                      max_new_tokens=96, batch_size=128)
     pl.seed_everything(2000)
     data = SFTDataModule(train_file=str(distilled), val_fraction=0.05, max_length=256, batch_size=32)
-    run = trainer(args.heads_steps, val=True)
+    run = trainer(steps, val=True)
     run.fit(module, datamodule=data)
     run.validate(module, datamodule=data, verbose=False)
     accuracy = {k: float(v) for k, v in run.callback_metrics.items() if k.startswith("val/head") and k.endswith("_acc")}
-    (Path(args.out) / "stage1.json").write_text(json.dumps(accuracy, indent=2))
+    stage1_file(out, architecture).write_text(json.dumps(accuracy, indent=2))
     return path
 
 
@@ -96,6 +126,10 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=400)
     parser.add_argument("--distill", type=int, default=4096, help="self-distilled stage-1 samples")
     parser.add_argument("--heads-steps", type=int, default=300)
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the base")
+    parser.add_argument("--hidden", type=int, default=128, help="width of the base (a multiple of 64)")
+    parser.add_argument("--architecture", default="layer", choices=["layer", "resblock"],
+                        help="stage-1 heads used by CAFT")
     parser.add_argument("--ft-steps", type=int, default=200)
     parser.add_argument("--num-val", type=int, default=256)
     parser.add_argument("--target", default="medium", help="task preset of stage 2: easy, medium or hard")
@@ -106,15 +140,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    base = base_model(args)
-    heads = stage1_heads(args, base)
+    base = base_model(args.out, args.base_steps, args.layers, args.hidden)
+    heads = stage1_heads(args.out, base, args.distill, args.heads_steps, args.architecture)
     results = {"ntp": [], "caft": []}
     for seed in args.seeds:
         for name in ("ntp", "caft"):
             results[name].append(finetune(args, base, heads, seed, name == "caft"))
             print(name, seed, results[name][-1], flush=True)
     (Path(args.out) / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    print(f"stage 1 held-out head accuracy: {(Path(args.out) / 'stage1.json').read_text()}")
+    print(f"stage 1 held-out head accuracy: {stage1_file(args.out, args.architecture).read_text()}")
     print("| fine-tuning | exact match mean | std | per seed |")
     print("| --- | --- | --- | --- |")
     for name, values in results.items():

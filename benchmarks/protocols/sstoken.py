@@ -5,7 +5,8 @@ order) and is scored on the same held-out problems by greedy exact match:
 
 - ``sft``: every response token; ``sstoken``: rho 0.6, gamma 0.5, attention only for the first 20% of steps;
 - ``loss`` (REL only), ``attention`` (attention only), ``random`` (a random 60% of each response);
-- ``rho1``: Rho-1's excess loss against a reference model, the base fine-tuned (LoRA, merged) on clean samples.
+- ``rho1``: Rho-1's excess loss against a reference model, the base fine-tuned (LoRA, merged) on clean samples;
+- ``base``: no fine-tuning, the base itself on the same held-out problems.
 
 The audit counts, in noisy samples, how many noise tokens and how many clean response tokens each method keeps:
 a method that filters noise keeps noise below its 60% budget and clean tokens above it.
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 METHODS = ("sft", "sstoken", "loss", "attention", "random", "rho1")
+#: The rows of the table: the base itself (no fine-tuning) on the same held-out problems, then every method.
+ROWS = ("base", *METHODS)
 
 #: LoRA of the paper (r 64, alpha 16, dropout 0.1, every linear projection).
 LORA = {"r": 64, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": "all-linear"}
@@ -112,11 +115,14 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], referen
     data.tokenizer = model.tokenizer
     data.setup("fit")
     audit = audit_callback(data.noise_masks)
-    callbacks = [] if method == "sft" else [TokenSelection(
+    callbacks = [] if method in ("sft", "base") else [TokenSelection(
         mode=method, seed=seed, reference=ModelSpec(name_or_path=reference) if method == "rho1" else None)]
     run = trainer([*callbacks, audit])
     started = time.time()
-    run.fit(model, datamodule=data)
+    if method == "base":
+        run.validate(model, datamodule=data, verbose=False)
+    else:
+        run.fit(model, datamodule=data)
     metrics = {k: float(v) for k, v in run.callback_metrics.items()}
     c = audit.counts
     return dict(method=method, seed=seed, steps=run.global_step, seconds=time.time() - started,
@@ -129,13 +135,14 @@ def table(results: list[dict]) -> str:
     """Markdown: exact match mean and spread per method, and the kept rates of noise and clean tokens."""
     lines = ["| method | exact match % (mean ± sd) | per seed | kept noise / kept clean tokens (noisy samples) |",
              "|---|---|---|---|"]
-    for method in METHODS:
+    for method in ROWS:
         rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["seed"])
         if not rows:
             continue
         em = [100 * r["exact_match"] for r in rows]
         sd = statistics.stdev(em) if len(em) > 1 else 0.0
         kn, kc = (statistics.mean(r[k] for r in rows) for k in ("kept_noise", "kept_clean"))
+        kept = "–" if method == "base" else f"{kn:.2f} / {kc:.2f}"
         lines.append(f"| {method} | {statistics.mean(em):.1f} ± {sd:.1f} | {', '.join(f'{e:.1f}' for e in em)} | "
-                     f"{kn:.2f} / {kc:.2f} |")
+                     f"{kept} |")
     return "\n".join(lines)
