@@ -46,7 +46,7 @@ def sstoken_part(args, base: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps({"base": str(base), **settings}, indent=1))
     reference = sstoken.build_reference(str(base), settings, out)
-    seeds = SEEDS[:2] if args.quick else SEEDS
+    seeds = args.seeds if args.seeds is not None else (SEEDS[:2] if args.quick else SEEDS)
     runs = [(f"{method}-{seed}", dict(method=method, seed=seed, base=str(base), settings=settings,
                                       reference=str(reference)))
             for seed in seeds for method in sstoken.METHODS]
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
     parser.add_argument("--output", default="runs/evidence")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the methods")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (default: 0 1 2 3 4)")
     args = parser.parse_args()
     started = time.time()
     base = base_part(args)
