@@ -370,17 +370,20 @@ class MultiTokenHeads(nn.Module):
         """The output layer of head ``k``: its own copy, or the model's ``lm_head``."""
         return self.unembeddings[k - 1] if self.unembeddings is not None else causal_lm_of(model).get_output_embeddings()
 
+    def _norm(self, model: nn.Module) -> nn.Module:
+        """The norm before the unembedding: the model's final norm (an MTP depth ends with its own)."""
+        return nn.Identity() if self.architecture == "mtp" else final_norm(causal_lm_of(model))
+
     def normed(self, model: nn.Module, k: int, states: Tensor) -> Tensor:
         """Head ``k``'s hidden states through the model's final norm, in the dtype of its unembedding."""
-        # an MTP depth ends with its own final norm
-        norm = nn.Identity() if self.architecture == "mtp" else final_norm(causal_lm_of(model))
+        norm = self._norm(model)
         normed = norm(states.to(_param_dtype(norm, states.dtype)))
         return normed.to(_param_dtype(self.unembedding(model, k), normed.dtype))
 
     def projector(self, model: nn.Module, k: int):
         """:meth:`project` for head ``k`` with the model's modules looked up once: a function of the states, for
         decoding loops that project a few rows per step."""
-        norm = nn.Identity() if self.architecture == "mtp" else final_norm(causal_lm_of(model))
+        norm = self._norm(model)
         unembedding = self.unembedding(model, k)
         projection = OutputProjection(model, unembedding)
         norm_dtype = _param_dtype(norm, None)
@@ -395,7 +398,7 @@ class MultiTokenHeads(nn.Module):
     def project(self, model: nn.Module, k: int, states: Tensor) -> Tensor:
         """Logits of head ``k`` from its hidden states (any leading shape): final norm, then unembedding, then the
         model's own logit post-processing (soft-capping, scaling), as float32."""
-        return OutputProjection(model, self.unembedding(model, k))(self.normed(model, k, states))
+        return self.projector(model, k)(states)
 
     def forward(self, model: nn.Module, trunk: Trunk, attention_mask: Optional[Tensor] = None) -> list[Tensor]:
         """Full logits ``(B, T, V)`` of every head, a list of K. For inspection and tests: training should use
