@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -300,6 +301,30 @@ def test_all_zero_weights_fall_back_to_argmax(lm):
         banned = run_forward(model, input_ids).masked_fill(trusted[None], float("-inf"))
         out = guide(input_ids, banned)
     assert not torch.isnan(out).any() and out[0].argmax() == banned[0].argmax()
+
+
+def test_fallbacks_are_counted_per_row_and_a_mostly_unguided_run_warns(lm):
+    # Row 1 keeps w > 0 only on banned tokens (falls back), row 2 is guided, row 0 is not thinking (not counted).
+    model, tokenizer = lm
+    predictor = fixed_predictor(model)
+    S, = ids(tokenizer, "<think>")
+    input_ids = torch.tensor([[1, 40, 41, 42], [1, 40, S, 50], [1, S, 50, 51]])
+    trusted = guidance_weights(predictor.alpha_v[None], predictor.rate_v[None], torch.tensor([9.0]))[0] > 0
+    assert trusted.any() and not trusted.all()
+    guide = BudgetGuidanceLogitsProcessor(model, predictor, tokenizer, 10, steps="every")
+    scores = run_forward(model, input_ids)
+    scores[1] = scores[1].masked_fill(trusted, float("-inf"))
+    guide(input_ids, scores)
+    assert guide.guided_row_steps == 2 and guide.fallback_share == 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guide.remove()  # half fell back: not "most", no warning
+    # An untrained predictor's rates are below 10: every row of every step falls back, and leaving says so.
+    with pytest.warns(UserWarning, match=r"at 100% of 2 guided row-steps every candidate failed"):
+        untrained = BudgetPredictor.for_model(model)
+        with BudgetGuidanceLogitsProcessor(model, untrained, tokenizer, 10, steps="every") as guide:
+            guide(input_ids[1:], run_forward(model, input_ids[1:]))
+    assert guide.fallback_share == 1.0
 
 
 def test_only_guided_rows_change_each_as_if_alone(lm):

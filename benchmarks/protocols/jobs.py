@@ -42,6 +42,16 @@ def run_all(part: str, runs: list[tuple[str, dict]], out: Path, jobs: int) -> li
     return [json.loads((out / f"{name}.json").read_text()) for name, _ in runs]
 
 
+def same_settings(out: Path, settings: dict) -> None:
+    """Record ``settings`` in ``out/settings.json``; refuse a folder whose cached runs used other settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "settings.json"
+    text = json.dumps(settings, indent=1, sort_keys=True)
+    if path.is_file() and json.loads(path.read_text()) != json.loads(text):
+        raise SystemExit(f"{path}: the runs cached in {out} used other settings; move them away or pass --output")
+    path.write_text(text)
+
+
 def _reap(running, failed):
     still = []
     for name, process in running:

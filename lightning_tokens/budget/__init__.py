@@ -3,9 +3,11 @@
 1. Collect traces with the frozen model (:func:`collect_traces`) or use dataset traces.
 2. Train a :class:`BudgetPredictor` with :class:`BudgetPredictorModule` on :class:`TraceDataModule`.
 3. Pass a :class:`BudgetGuidanceLogitsProcessor` to ``model.generate()``; :class:`BudgetForcing` is the
-   baseline; :func:`estimate_thinking_length` predicts the thinking length before generating.
+   baseline; :func:`estimate_thinking_length` predicts the thinking length before generating;
+   :func:`calibrate_thresholds` fits the processor's trained-row thresholds to a predictor's held-out predictions.
 """
 
+from lightning_tokens.budget.calibration import calibrate_thresholds
 from lightning_tokens.budget.capture import HiddenStateCapture
 from lightning_tokens.budget.data import TraceDataModule, encode_traces, remaining_lengths
 from lightning_tokens.budget.forcing import BudgetForcing
@@ -23,6 +25,7 @@ __all__ = [
     "HiddenStateCapture",
     "PredictorConfig",
     "TraceDataModule",
+    "calibrate_thresholds",
     "collect_main",
     "collect_traces",
     "decoded_mode",

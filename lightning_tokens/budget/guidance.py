@@ -7,6 +7,7 @@ With budget ``B`` and ``t`` thinking tokens generated, ``B_rem = max(B - t, 1)``
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -56,7 +57,11 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
     ``output_hidden_states``); at a guided step the processor turns the scores of a thinking row into
     ``log(p * w / sum(p * w))``, where ``w`` is :func:`guidance_weights` with ``B_rem = max(B - t, 1)`` and
     ``t`` the thinking tokens generated after the row's ``<think>``. If every ``w`` of a row is 0 the
-    row's argmax token is taken (the reference's fallback). Rows outside thinking (before ``<think>``,
+    row's argmax token is taken (the reference's fallback): that row is not guided at that step. The processor
+    counts those row-steps (:attr:`fallback_share`) and, when it is taken off the model (:meth:`remove`, or the
+    end of the ``with`` block), warns if more than half of the guided row-steps fell back: the trained-row
+    thresholds then mask the predictor's rows, and guidance is mostly plain decoding (see
+    :func:`~lightning_tokens.budget.calibrate_thresholds`). Rows outside thinking (before ``<think>``,
     after ``</think>``) are left untouched. Nothing is forced when a budget runs out (see :class:`BudgetForcing`).
 
     Order: ``generate()`` runs its own processors (repetition penalty, min length, bad words...) first, then
@@ -104,6 +109,8 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
         self.newline = newline_mask(tokenizer, vocab).tolist() if steps == "newline" else None
         self.capture = HiddenStateCapture(model, last_only=True)
         self.guided_steps = 0
+        self.guided_row_steps = 0
+        self._fallbacks: Optional[torch.Tensor] = None  # on the device: read only when asked, no sync per step
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -111,8 +118,23 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
         self.tracker.reset()
 
     def remove(self) -> None:
-        """Take the hooks off the model."""
+        """Take the hooks off the model; warn if most guided row-steps fell back to the argmax token."""
         self.capture.remove()
+        share = self.fallback_share
+        if share > 0.5:
+            warnings.warn(
+                f"BudgetGuidanceLogitsProcessor: at {share:.0%} of {self.guided_row_steps} guided row-steps every "
+                f"candidate failed the trained-row check (min_rate={self.min_rate}, min_shape={self.min_shape}, "
+                f"min_mode={self.min_mode}), so those steps decoded the argmax token unguided. Lower the thresholds "
+                "(lightning_tokens.budget.calibrate_thresholds reads them off held-out predictions) or pass "
+                "min_rate=0, min_shape=0, min_mode=-1 to guide every row.", stacklevel=2)
+
+    @property
+    def fallback_share(self) -> float:
+        """Share of guided row-steps so far where no candidate passed the thresholds (argmax taken); 0 before any."""
+        if not self.guided_row_steps:
+            return 0.0
+        return float(self._fallbacks) / self.guided_row_steps
 
     def __enter__(self) -> "BudgetGuidanceLogitsProcessor":
         return self
@@ -137,6 +159,7 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
         if not rows:  # most steps with newline guidance: no device work at all
             return scores
         self.guided_steps += 1
+        self.guided_row_steps += len(rows)
         return self._guide(scores, rows, [max(budgets[row] - self.tracker.t[row], 1.0) for row in rows])
 
     @torch.no_grad()
@@ -161,7 +184,9 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
         # read outside it, so what goes back to generate() is an ordinary tensor.
         with torch.inference_mode():
             w = self._weights(log_p, states, torch.tensor(remaining, device=scores.device))
-        return _renormalise(log_p + torch.log(w), log_p)
+        guided, fell_back = _renormalise(log_p + torch.log(w), log_p)
+        self._fallbacks = fell_back if self._fallbacks is None else self._fallbacks + fell_back
+        return guided
 
     def _weights(self, log_p: torch.Tensor, states: torch.Tensor, remaining_budget: torch.Tensor) -> torch.Tensor:
         """``(R, V)`` :func:`guidance_weights` (0 outside the ``top_k`` candidates when ``top_k`` is set)."""
@@ -174,8 +199,9 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
         return torch.zeros_like(log_p).scatter_(1, candidates, w_top)
 
 
-def _renormalise(guided: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+def _renormalise(guided: torch.Tensor, log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-softmax of ``guided = log(p * w)`` per row; a row with no finite entry becomes its argmax token.
+    Also returns how many rows fell back (a 0-d tensor on the device).
 
     No trusted candidate left (every ``w`` is 0, or only tokens an earlier processor banned have ``w > 0``):
     the reference falls back to the argmax token. The fallback is computed for every row and picked with a
@@ -187,7 +213,7 @@ def _renormalise(guided: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     """
     trusted = guided.amax(-1, keepdim=True) > float("-inf")
     fallback = torch.full_like(log_p, float("-inf")).scatter_(1, log_p.argmax(-1, keepdim=True), 0.0)
-    return torch.where(trusted, torch.log_softmax(guided, dim=-1), fallback)
+    return torch.where(trusted, torch.log_softmax(guided, dim=-1), fallback), (~trusted).sum()
 
 
 @torch.no_grad()

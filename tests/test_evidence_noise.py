@@ -1,0 +1,72 @@
+"""The evidence protocol's noise (benchmarks/protocols/noise.py): where it goes and how the audit mask records it.
+
+The noisy training set is compared with the same data module without noise: taking the positions the mask
+calls noise out of a noisy sample must give back the clean sample, up to replaced digits inside the thinking.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from protocols.noise import NoiseSettings, NoisySFTDataModule  # noqa: E402
+
+from lightning_tokens import ReasoningTask  # noqa: E402
+from lightning_tokens.data.tokenizer import load_task_tokenizer  # noqa: E402
+from lightning_tokens.selection.scoring import sample_key  # noqa: E402
+
+
+def _train_samples(noise: NoiseSettings, noise_seed: int = 3):
+    task = ReasoningTask.preset("medium", style="concise", num_train=64, num_val=4, seed=900)
+    data = NoisySFTDataModule(noise=noise, noise_seed=noise_seed, task=task, max_length=512, batch_size=4)
+    data.tokenizer = load_task_tokenizer()
+    data.setup("fit")
+    return data, data.train_dataset.samples
+
+
+def test_noise_stays_inside_thinking_and_the_mask_names_every_changed_token():
+    noise = NoiseSettings(noisy_fraction=0.5, spans=3, span_length=6, digit_rate=0.3)
+    noisy_data, noisy = _train_samples(noise)
+    _, clean = _train_samples(NoiseSettings(noisy_fraction=0.0))
+    tok = noisy_data.tokenizer
+    think_open, think_close = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    digits = set(tok.convert_tokens_to_ids([str(d) for d in range(10)]))
+    corpus_ids = set(tok(noisy_data.task.corpus("train"), add_special_tokens=False)["input_ids"])
+    changed = 0
+    for before, after in zip(clean, noisy):
+        mask = noisy_data.noise_masks.get(sample_key(after.input_ids, after.labels))
+        if mask is None:  # a clean sample stays exactly as it was
+            assert (after.input_ids, after.labels) == (before.input_ids, before.labels)
+            continue
+        changed += 1
+        assert after.labels[:after.prompt_length] == before.labels[:before.prompt_length]
+        targets = [i for i, label in enumerate(after.labels) if label != -100]
+        assert len(mask) == len(targets)
+        # Every target is its own input token (labels are not shifted), noise or not.
+        assert all(after.labels[i] == after.input_ids[i] for i in targets)
+        flag = dict(zip(targets, mask))
+        noise_at = [i for i in targets if flag[i]]
+        assert after.input_ids.index(think_open) < min(noise_at)
+        assert max(noise_at) < after.input_ids.index(think_close)
+        # Filler comes from tokens the task's text never uses (so never a digit).
+        filler = [i for i in noise_at if after.input_ids[i] not in digits]
+        assert filler and all(after.input_ids[i] not in corpus_ids for i in filler)
+        # Without the filler, the sample is the clean one with some digits of the thinking replaced by others.
+        unfilled = [(t, flag.get(i, False)) for i, t in enumerate(after.input_ids) if i not in set(filler)]
+        assert len(unfilled) == len(before.input_ids)
+        start, end = before.input_ids.index(think_open), before.input_ids.index(think_close)
+        for i, (original, (token, is_noise)) in enumerate(zip(before.input_ids, unfilled)):
+            if is_noise:
+                assert start < i < end and original in digits and token in digits and token != original
+            else:
+                assert token == original
+    assert 16 <= changed <= 48  # half of 64 samples, give or take the draw
+
+
+def test_noise_is_drawn_per_sample_and_reproducible():
+    noise = NoiseSettings(noisy_fraction=1.0)
+    _, first = _train_samples(noise, noise_seed=5)
+    _, again = _train_samples(noise, noise_seed=5)
+    _, other = _train_samples(noise, noise_seed=6)
+    assert [s.input_ids for s in first] == [s.input_ids for s in again]
+    assert [s.input_ids for s in first] != [s.input_ids for s in other]
