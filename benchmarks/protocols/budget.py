@@ -47,6 +47,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from protocols.jobs import cpu_trainer, run_all, same_settings
+
 #: Every setting of the part (``quick`` overrides a few).
 SETTINGS = dict(preset="easy", style="mixed", task_seed=300, trace_seed=301, num_finetune=2048, finetune_batch=16,
                 finetune_lr=5e-4, max_length=256, num_traces=2048, trace_batch=128, trace_max_new_tokens=200,
@@ -99,9 +101,7 @@ def finetune(base: str, settings: dict[str, Any], seed: int, out: str) -> dict:
     model = CausalLMModule(model=ModelSpec(name_or_path=base, seed=seed), optimizer=optimizer, max_new_tokens=0)
     data = SFTDataModule(task=task(settings, num_train=settings["num_finetune"]), max_length=settings["max_length"],
                          batch_size=settings["finetune_batch"], seed=seed)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, precision="32-true", gradient_clip_val=1.0,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = cpu_trainer()
     trainer.fit(model, datamodule=data)
     tmp = target.with_name("model.partial")
     model.export(tmp)
@@ -153,11 +153,7 @@ def train_predictor(settings: dict[str, Any], seed: int, out: str) -> dict:
         data.tokenizer = module.tokenizer
         data.setup("fit")
     else:
-        trainer = pl.Trainer(max_epochs=settings["predictor_epochs"], accelerator="cpu", devices=1,
-                             precision="32-true", gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                             limit_val_batches=0)
-        trainer.fit(module, datamodule=data)
+        cpu_trainer(max_epochs=settings["predictor_epochs"]).fit(module, datamodule=data)
         tmp = out_dir / "predictor.pt.tmp"
         module.predictor.save(tmp)
         os.replace(tmp, trained)
@@ -377,7 +373,6 @@ def run_part(base: Path, out: Path, jobs: int, quick: bool, seeds: Optional[list
         quick: Tiny sizes: a smoke run of the pipeline, not evidence.
         seeds: Pipeline seeds; ``None``: :data:`SEEDS` (one: the part's wall-time budget allows one pipeline).
     """
-    from protocols.jobs import run_all, same_settings
 
     settings = {**SETTINGS, **(QUICK if quick else {})}
     same_settings(out, {"base": str(base), **settings})

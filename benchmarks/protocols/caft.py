@@ -58,6 +58,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from protocols.jobs import cpu_trainer, run_all, same_settings
+
 METHODS = ("ntp", "caft")
 #: The table's rows: the base itself, then each fine-tuning.
 ROWS = ("base", *METHODS)
@@ -82,15 +84,6 @@ SEEDS = (0, 1, 2, 3, 4)
 #: Two-sided 95% critical values of Student's t by degrees of freedom (larger: 1.96).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
        15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def trainer(callbacks=(), validate: bool = False, epochs: int = 1):
-    """A CPU trainer of ``epochs`` epochs (default 1), fp32, gradient clipping 1.0, no logger or checkpoints."""
-    import lightning.pytorch as pl
-
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, precision="32-true", gradient_clip_val=1.0,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, limit_val_batches=1.0 if validate else 0, callbacks=list(callbacks))
 
 
 def task(settings: dict[str, Any]):
@@ -167,7 +160,7 @@ def build_heads(base: str, settings: dict[str, Any], out: Path) -> dict:
     pl.seed_everything(s1["task_seed"], verbose=False)
     data = SFTDataModule(train_file=str(distilled), val_fraction=s1["val_fraction"], max_length=settings["max_length"],
                          batch_size=s1["batch_size"], eval_batch_size=64, seed=s1["task_seed"])
-    run = trainer(validate=True, epochs=s1["epochs"])
+    run = cpu_trainer(validate=True, max_epochs=s1["epochs"])
     run.fit(module, datamodule=data)
     metrics = run.validate(module, datamodule=data, verbose=False)[0]
     shutil.rmtree(target, ignore_errors=True)
@@ -209,9 +202,9 @@ def evaluate(model, data) -> dict:
     """Held-out scores of a trained (or untouched) module: CE_0 by teacher forcing, then greedy answers."""
     generation = model.generation_batches
     model.generation_batches = 0  # the loss pass only; the answers come from predict
-    metrics = trainer(validate=True).validate(model, datamodule=data, verbose=False)[0]
+    metrics = cpu_trainer(validate=True).validate(model, datamodule=data, verbose=False)[0]
     model.generation_batches = generation
-    rows = [row for batch in trainer().predict(model, datamodule=data) for row in batch]
+    rows = [row for batch in cpu_trainer().predict(model, datamodule=data) for row in batch]
     return dict(exact_match=sum(r["correct"] for r in rows) / len(rows),
                 in_words=sum(in_words(r["completion"]) for r in rows) / len(rows),
                 val_loss=float(metrics["val/loss"]), examples=[r["completion"] for r in rows[:2]])
@@ -254,7 +247,7 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], heads: 
         if method == "caft":
             recorder = head_accuracy_callback(settings["stage1"]["num_heads"])
             callbacks = [ConceptAwareFineTuning(heads_path=heads, **CAFT), recorder]
-        run = trainer(callbacks)
+        run = cpu_trainer(callbacks)
         run.fit(model, datamodule=data)
         result.update(steps=run.global_step, train_seconds=time.time() - started,
                       train_cpu_seconds=time.process_time() - cpu)
@@ -324,8 +317,6 @@ def run_part(base: Path, out: Path, jobs: int, quick: bool, seeds: Optional[list
         quick: Smoke sizes (:data:`QUICK`): checks the pipeline, not the method.
         seeds: Seeds of the fine-tuning runs. Default ``None``: :data:`SEEDS` (two of them when ``quick``).
     """
-    from protocols.jobs import run_all, same_settings
-
     settings = {**SETTINGS, **(QUICK if quick else {})}
     out = Path(out)
     same_settings(out, {"base": str(base), **settings})

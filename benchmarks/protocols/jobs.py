@@ -42,6 +42,22 @@ def run_all(part: str, runs: list[tuple[str, dict]], out: Path, jobs: int) -> li
     return [json.loads((out / f"{name}.json").read_text()) for name, _ in runs]
 
 
+def cpu_trainer(callbacks=(), validate: bool = False, **stop):
+    """The protocols' Lightning trainer: CPU, fp32, gradient clipping 1.0, no logger, checkpoints or progress bar.
+
+    Args:
+        callbacks: Trainer callbacks. Default ``()``.
+        validate: Run the validation loop (every batch); no sanity check either way. Default ``False``.
+        **stop: ``max_epochs`` or ``max_steps``. Default: one epoch.
+    """
+    import lightning.pytorch as pl
+
+    return pl.Trainer(**(stop or {"max_epochs": 1}), accelerator="cpu", devices=1, precision="32-true",
+                      gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1.0 if validate else 0,
+                      callbacks=list(callbacks))
+
+
 def same_settings(out: Path, settings: dict) -> None:
     """Record ``settings`` in ``out/settings.json``; refuse a folder whose cached runs used other settings."""
     out.mkdir(parents=True, exist_ok=True)

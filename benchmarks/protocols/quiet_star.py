@@ -70,6 +70,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from protocols.jobs import cpu_trainer, run_all, same_settings
+
 #: The part's settings (see the module docstring for why).
 SETTINGS = dict(
     task_seed=300, train_per_difficulty=1000, eval_per_difficulty=32, style="mixed", max_length=256,
@@ -363,10 +365,7 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], heldout
     started, cpu_started = time.time(), time.process_time()
     metrics: dict[str, float] = {}
     if steps:
-        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision="32-true",
-                             gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                             callbacks=[_progress(max(1, steps // 8))])
+        trainer = cpu_trainer([_progress(max(1, steps // 8))], max_steps=steps)
         trainer.fit(module, datamodule=text_data_module(settings, seed))
         if trainer.global_step < steps:
             raise RuntimeError(f"{method}: stopped at step {trainer.global_step} of {steps}")
@@ -414,7 +413,6 @@ def run_part(base: Path, out: Path, jobs: int, quick: bool, seeds: Optional[list
         quick: Shrink everything to a smoke run (:data:`QUICK`, one seed).
         seeds: Seeds to run; ``None``: :data:`SEEDS` (``(0,)`` when ``quick``).
     """
-    from protocols.jobs import run_all, same_settings
 
     settings = {**SETTINGS, **(QUICK if quick else {})}
     seeds = list(seeds) if seeds is not None else ([0] if quick else list(SEEDS))

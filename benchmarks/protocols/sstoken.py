@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from protocols.jobs import cpu_trainer, run_all, same_settings
+
 #: The protocol: one epoch of fresh noisy samples, LoRA r 64, rho 0.6, gamma 0.5, 20% warm-up, history = base.
 #: lr 1e-3, not the paper's 1e-4: the paper's epoch is 50k samples, ours 1,024 (64 steps), and at 1e-4 those 64
 #: steps left the base where it was (held-out loss 0.1854 -> 0.1840, exact match within a point for every method).
@@ -46,14 +48,6 @@ def task(settings: dict[str, Any], clean: bool = False):
                                 num_val=settings["num_eval"], seed=settings["task_seed"] + (1 if clean else 0))
 
 
-def trainer(callbacks=(), validate: bool = True):
-    import lightning.pytorch as pl
-
-    return pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, precision="32-true", gradient_clip_val=1.0,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, limit_val_batches=1.0 if validate else 0, callbacks=list(callbacks))
-
-
 def module(base: str, settings: dict[str, Any], seed: int):
     from lightning_tokens import CausalLMModule, ModelSpec, OptimizerConfig
 
@@ -75,7 +69,7 @@ def build_reference(base: str, settings: dict[str, Any], out: Path) -> Path:
     model = module(base, settings, seed=0)
     data = SFTDataModule(task=task(settings, clean=True), max_length=settings["max_length"],
                          batch_size=settings["batch_size"], seed=0)
-    trainer(validate=False).fit(model, datamodule=data)
+    cpu_trainer().fit(model, datamodule=data)
     model.export(target, merge_lora=True)
     return target
 
@@ -131,7 +125,7 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], referen
     mode = "sstoken" if method == "clean_sstoken" else method
     callbacks = [] if method in ("sft", "base", "clean") else [TokenSelection(
         mode=mode, seed=seed, reference=ModelSpec(name_or_path=reference) if method == "rho1" else None)]
-    run = trainer([*callbacks, audit])
+    run = cpu_trainer([*callbacks, audit], validate=True)
     started = time.time()
     if method == "base":
         run.validate(model, datamodule=data, verbose=False)
@@ -155,8 +149,6 @@ def run_part(base: Path, out: Path, jobs: int, quick: bool, seeds: Optional[list
         quick: Smoke-run sizes (:data:`QUICK`) and two seeds.
         seeds: Seeds to run. Default ``None``: :data:`SEEDS` (two of them with ``quick``).
     """
-    from protocols.jobs import run_all, same_settings
-
     settings = {**SETTINGS, **(QUICK if quick else {})}
     same_settings(out, {"base": str(base), **settings})
     reference = build_reference(str(base), settings, out)
