@@ -6,11 +6,13 @@ interrupted part resumes, and each part prints its markdown table and writes it 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/evidence.py base            # the base (cached), its exact match
     .venv/bin/python benchmarks/evidence.py sstoken --jobs 2                   # ssToken and its baselines
     .venv/bin/python benchmarks/evidence.py caft --jobs 2 --seeds 0            # one part, one seed
-    .venv/bin/python benchmarks/evidence.py all --jobs 2                       # every part, in order
+    .venv/bin/python benchmarks/evidence.py all --jobs 2                       # the base, then every part
 
 Parts: ``base`` (``benchmarks/pretrained_base.py``, built once and cached: every other part starts from it), then
 ``sstoken``, ``caft``, ``quiet_star`` and ``budget``, each ``benchmarks/protocols/<part>.py``, whose docstring
-states its protocol and the reasons for every choice. ``--quick`` shrinks every part (and the base) to a smoke
+states its protocol and the reasons for every choice. ``all`` builds the base, then runs the four parts side by
+side over one pool of ``--jobs`` cores (``protocols.jobs.share_cores``), so no core idles while a part waits on a
+sequential stage; each part prints its table as it finishes. ``--quick`` shrinks every part (and the base) to a smoke
 run with a separate cache: it checks the pipeline, not the methods.
 """
 
@@ -20,6 +22,7 @@ import argparse
 import importlib
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,8 +30,10 @@ sys.path.insert(0, str(HERE))
 
 from pretrained_base import BaseSettings, EvalSettings, build_base  # noqa: E402
 
-#: The parts after the base, in the order ``all`` runs them: ``protocols.<part>.run_part`` each.
+#: The parts after the base: ``protocols.<part>.run_part`` each.
 PARTS = ("sstoken", "caft", "quiet_star", "budget")
+#: The order ``all`` starts them in: the longest chain of sequential stages first, so it queues for cores first.
+START_ORDER = ("budget", "caft", "quiet_star", "sstoken")
 
 
 def base_part(args) -> Path:
@@ -47,13 +52,25 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     base = base_part(args)
-    for part in PARTS if args.part == "all" else [args.part] if args.part in PARTS else []:
-        part_started = time.time()
-        out = Path(args.output) / (f"{part}-quick" if args.quick else part)
-        table = importlib.import_module(f"protocols.{part}").run_part(base, out, args.jobs, args.quick, args.seeds)
-        (out / "table.md").write_text(table + "\n")
-        print(f"## {part} ({(time.time() - part_started) / 60:.1f} min)\n\n{table}\n", flush=True)
+    parts = START_ORDER if args.part == "all" else [args.part] if args.part in PARTS else []
+    if len(parts) > 1:
+        from protocols.jobs import share_cores
+
+        share_cores(args.jobs)
+    with ThreadPoolExecutor(max_workers=max(1, len(parts))) as pool:
+        running = [pool.submit(run_one_part, part, base, args) for part in parts]
+        for future in running:
+            future.result()  # re-raises a part's failure
     print(f"evidence: {args.part} in {(time.time() - started) / 60:.1f} min")
+
+
+def run_one_part(part: str, base: Path, args) -> None:
+    """Run ``part`` from ``base`` (cached under ``--output``), write its ``table.md`` and print it."""
+    started = time.time()
+    out = Path(args.output) / (f"{part}-quick" if args.quick else part)
+    table = importlib.import_module(f"protocols.{part}").run_part(base, out, args.jobs, args.quick, args.seeds)
+    (out / "table.md").write_text(table + "\n")
+    print(f"## {part} ({(time.time() - started) / 60:.1f} min)\n\n{table}\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,44 +2,143 @@
 
 A run is ``(part, name, kwargs)``: ``protocols.<part>.run_one(**kwargs)`` returns a dict that lands in
 ``<out>/<name>.json``. A run whose JSON exists is not run again, so an interrupted experiment resumes where it
-stopped; its log is ``<out>/<name>.log``.
+stopped; its log is ``<out>/<name>.log``. Each run is a fresh process forked from a server that imported torch,
+Lightning, transformers and PEFT once (:mod:`protocols.preload`): a new interpreter would spend 8-9 s of CPU on
+those imports, about 9 CPU-minutes over the 64 runs of ``evidence.py all``.
+
+``evidence.py all`` runs its parts side by side, one thread each, over one pool of cores (:func:`share_cores`): a
+part waiting on its own sequential stages (the budget part's fine-tuning, CAFT's stage 1) leaves its core to
+another part's runs instead of idling it. Cores go to the parts in turn (first come, first served), so no part
+starves another.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
 import os
-import subprocess
 import sys
+import threading
 import time
+from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
+
+
+class _CorePool:
+    """Cores shared by parts running in threads of one process, handed out in the order the threads asked."""
+
+    def __init__(self, cores: int):
+        self.free = cores
+        self.waiting: deque[int] = deque()
+        self.lock = threading.Lock()
+
+    def try_take(self) -> bool:
+        me = threading.get_ident()
+        with self.lock:
+            if me not in self.waiting:
+                self.waiting.append(me)
+            if self.free and self.waiting[0] == me:
+                self.waiting.popleft()
+                self.free -= 1
+                return True
+            return False
+
+    def give(self) -> None:
+        with self.lock:
+            self.free += 1
+
+
+#: The shared pool while ``evidence.py all`` runs parts side by side; ``None``: each part has its ``jobs`` to itself.
+_pool: Optional[_CorePool] = None
+#: Steps run inside the main process seed its global random generators: one at a time.
+_in_process_lock = threading.Lock()
+
+
+def share_cores(cores: int) -> None:
+    """Let parts run side by side in threads of this process, ``cores`` runs at a time across all of them."""
+    import torch
+
+    global _pool
+    _pool = _CorePool(cores)
+    torch.set_num_threads(1)  # in-process steps hold one core of the pool, like a run
+
+
+@contextmanager
+def in_process_step():
+    """Hold one core of the shared pool (if any) for a step a part runs in this process, one such step at a time."""
+    with _in_process_lock:
+        while _pool is not None and not _pool.try_take():
+            time.sleep(0.5)
+        try:
+            yield
+        finally:
+            if _pool is not None:
+                _pool.give()
+
+
+def _take_core() -> bool:
+    return _pool is None or _pool.try_take()
+
+
+def _give_core() -> None:
+    if _pool is not None:
+        _pool.give()
 
 
 def run_all(part: str, runs: list[tuple[str, dict]], out: Path, jobs: int) -> list[dict]:
     """Run every ``(name, kwargs)`` of ``part`` not yet done, ``jobs`` at a time; every result, in order."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    running: list[tuple[str, subprocess.Popen]] = []
-    failed = []
+    running: list[tuple[str, Any]] = []
+    failed: list[str] = []
     for name, kwargs in runs:
         if (out / f"{name}.json").is_file():
             continue
-        while len(running) >= jobs:
+        while len(running) >= jobs or not _take_core():
             running = _reap(running, failed)
             time.sleep(0.5)
-        command = [sys.executable, "-m", "protocols.jobs", part, json.dumps(kwargs), str(out / f"{name}.json")]
-        log = open(out / f"{name}.log", "w")
-        running.append((name, subprocess.Popen(command, env=env, cwd=HERE.parent.parent, stdout=log,
-                                                stderr=subprocess.STDOUT)))
+        running.append((name, _start(part, kwargs, out / f"{name}.json", out / f"{name}.log")))
     while running:
         running = _reap(running, failed)
         time.sleep(0.5)
     if failed:
         raise RuntimeError(f"{part}: runs failed, see their logs in {out}: {', '.join(failed)}")
     return [json.loads((out / f"{name}.json").read_text()) for name, _ in runs]
+
+
+_server_lock = threading.Lock()
+_server: Optional[multiprocessing.context.BaseContext] = None
+
+
+def _start(part: str, kwargs: dict, target: Path, log: Path):
+    """Start one run in a process forked from the preloaded server; it writes ``target``, its output to ``log``."""
+    global _server
+    with _server_lock:
+        if _server is None:
+            _server = multiprocessing.get_context("forkserver")
+            _server.set_forkserver_preload(["protocols.preload"])
+        process = _server.Process(target=_run, args=(part, kwargs, str(target), str(log)), name=target.stem)
+        process.start()
+    return process
+
+
+def _run(part: str, kwargs: dict, target: str, log: str) -> None:
+    """A run's process: output to ``log``, one thread, ``protocols.<part>.run_one(**kwargs)`` to ``target``."""
+    descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush(), sys.stderr.flush()
+    os.dup2(descriptor, 1), os.dup2(descriptor, 2)
+    os.chdir(HERE.parent.parent)  # the repository root, where the parts' relative paths start
+    import torch
+
+    torch.set_num_threads(1)
+    result = importlib.import_module(f"protocols.{part}").run_one(**kwargs)
+    tmp = Path(target).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, target)
 
 
 def cpu_trainer(callbacks=(), validate: bool = False, **stop):
@@ -71,24 +170,12 @@ def same_settings(out: Path, settings: dict) -> None:
 def _reap(running, failed):
     still = []
     for name, process in running:
-        code = process.poll()
+        code = process.exitcode
         if code is None:
             still.append((name, process))
-        elif code != 0:
+            continue
+        process.close()
+        _give_core()
+        if code != 0:
             failed.append(name)
     return still
-
-
-def main() -> None:
-    part, kwargs, target = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-    import torch
-
-    torch.set_num_threads(1)
-    result = importlib.import_module(f"protocols.{part}").run_one(**kwargs)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, target)
-
-
-if __name__ == "__main__":
-    main()

@@ -70,7 +70,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from protocols.jobs import cpu_trainer, run_all, same_settings
+from protocols.jobs import cpu_trainer, in_process_step, run_all, same_settings
 
 #: The part's settings (see the module docstring for why).
 SETTINGS = dict(
@@ -417,7 +417,8 @@ def run_part(base: Path, out: Path, jobs: int, quick: bool, seeds: Optional[list
     settings = {**SETTINGS, **(QUICK if quick else {})}
     seeds = list(seeds) if seeds is not None else ([0] if quick else list(SEEDS))
     same_settings(out, {"base": str(base), **settings})  # refuses a folder cached under other settings
-    heldout = build_heldout(str(base), settings, out)
+    with in_process_step():
+        heldout = build_heldout(str(base), settings, out)
     common = dict(base=str(base), settings=settings, heldout=str(heldout))
     runs = [(f"{method}-{seed}", dict(method=method, seed=seed, **common)) for method in METHODS for seed in seeds]
     runs.insert(len(seeds), (f"{ABLATION}-{seeds[0]}", dict(method=ABLATION, seed=seeds[0], **common)))  # long first
