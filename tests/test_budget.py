@@ -303,17 +303,26 @@ def test_all_zero_weights_fall_back_to_argmax(lm):
     assert not torch.isnan(out).any() and out[0].argmax() == banned[0].argmax()
 
 
-def test_fallbacks_are_counted_per_row_and_a_mostly_unguided_run_warns(lm):
-    # Row 1 keeps w > 0 only on banned tokens (falls back), row 2 is guided, row 0 is not thinking (not counted).
-    model, tokenizer = lm
+def three_rows_one_falling_back(model, tokenizer):
+    """Row 0 has not started thinking, row 1 keeps w > 0 only on banned tokens (argmax fallback), row 2 is guided.
+
+    Returns the fixed predictor, the ``(3, 4)`` input ids and row-1-banned scores (budget 10, one token thought).
+    """
     predictor = fixed_predictor(model)
     S, = ids(tokenizer, "<think>")
     input_ids = torch.tensor([[1, 40, 41, 42], [1, 40, S, 50], [1, S, 50, 51]])
     trusted = guidance_weights(predictor.alpha_v[None], predictor.rate_v[None], torch.tensor([9.0]))[0] > 0
     assert trusted.any() and not trusted.all()
-    guide = BudgetGuidanceLogitsProcessor(model, predictor, tokenizer, 10, steps="every")
     scores = run_forward(model, input_ids)
     scores[1] = scores[1].masked_fill(trusted, float("-inf"))
+    return predictor, input_ids, scores
+
+
+def test_fallbacks_are_counted_per_row_and_a_mostly_unguided_run_warns(lm):
+    model, tokenizer = lm
+    predictor, input_ids, scores = three_rows_one_falling_back(model, tokenizer)
+    guide = BudgetGuidanceLogitsProcessor(model, predictor, tokenizer, 10, steps="every")
+    model(input_ids)  # the hidden states the processor reads
     guide(input_ids, scores)
     assert guide.guided_row_steps == 2 and guide.fallback_share == 0.5
     with warnings.catch_warnings():
@@ -327,15 +336,25 @@ def test_fallbacks_are_counted_per_row_and_a_mostly_unguided_run_warns(lm):
     assert guide.fallback_share == 1.0
 
 
-def test_only_guided_rows_change_each_as_if_alone(lm):
-    # row 0 has not started thinking, row 1 only keeps w > 0 on banned tokens (argmax fallback), row 2 is guided
+def test_removing_inside_the_with_block_warns_once(lm):
     model, tokenizer = lm
-    predictor = fixed_predictor(model)
     S, = ids(tokenizer, "<think>")
-    input_ids = torch.tensor([[1, 40, 41, 42], [1, 40, S, 50], [1, S, 50, 51]])
-    trusted = guidance_weights(predictor.alpha_v[None], predictor.rate_v[None], torch.tensor([9.0]))[0] > 0
-    scores = run_forward(model, input_ids)
-    scores[1] = scores[1].masked_fill(trusted, float("-inf"))
+    input_ids = torch.tensor([[1, S, 50, 51]])
+    hooks = [len(module._forward_hooks) for module in model.modules()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with BudgetGuidanceLogitsProcessor(model, BudgetPredictor.for_model(model), tokenizer, 10,
+                                           steps="every") as guide:
+            guide(input_ids, run_forward(model, input_ids))
+            guide.remove()  # explicit removal, then the end of the block
+    fallback_warnings = [w for w in caught if "guided row-steps every candidate failed" in str(w.message)]
+    assert guide.fallback_share == 1.0 and len(fallback_warnings) == 1
+    assert [len(module._forward_hooks) for module in model.modules()] == hooks  # its hooks are off
+
+
+def test_only_guided_rows_change_each_as_if_alone(lm):
+    model, tokenizer = lm
+    predictor, input_ids, scores = three_rows_one_falling_back(model, tokenizer)
     with BudgetGuidanceLogitsProcessor(model, predictor, tokenizer, 10, steps="every") as guide:
         model(input_ids)
         out = guide(input_ids, scores)

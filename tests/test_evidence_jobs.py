@@ -2,7 +2,7 @@
 
 ``run_all`` is driven with a stand-in for its process start whose processes "run" for a fixed time and write
 their result, so the test counts, independently of the pool's own bookkeeping, how many ran at once; one test
-starts real processes from the preloaded fork server.
+starts real processes.
 """
 
 import json
@@ -37,8 +37,7 @@ class FakeRuns:
                     runs.peak = max(runs.peak, runs.running)
                     runs.started.append(target.stem)
 
-            @property
-            def exitcode(self):
+            def poll(self):
                 if time.monotonic() - self.start < runs.seconds:
                     return None
                 if not target.is_file():
@@ -46,9 +45,6 @@ class FakeRuns:
                     with runs.lock:
                         runs.running -= 1
                 return 0
-
-            def close(self):
-                pass
 
         return Process()
 
@@ -112,7 +108,7 @@ def test_an_in_process_step_holds_a_core(tmp_path, fake_runs):
 
 
 def test_runs_are_processes_of_their_own_with_their_log_and_result(tmp_path, monkeypatch):
-    """Real runs from the fork server: the part's ``run_one`` result lands in JSON, a failure names its log."""
+    """Real runs, each a new interpreter: the part's ``run_one`` result lands in JSON, a failure names its log."""
     monkeypatch.setattr(jobs, "_pool", None)
     runs = [("ok", dict(rows=[[1, 0, 2], [3, 4, 0]], name="left"))]
     result = jobs.run_all("testing", runs, tmp_path, jobs=2)

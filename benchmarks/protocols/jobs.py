@@ -2,9 +2,10 @@
 
 A run is ``(part, name, kwargs)``: ``protocols.<part>.run_one(**kwargs)`` returns a dict that lands in
 ``<out>/<name>.json``. A run whose JSON exists is not run again, so an interrupted experiment resumes where it
-stopped; its log is ``<out>/<name>.log``. Each run is a fresh process forked from a server that imported torch,
-Lightning, transformers and PEFT once (:mod:`protocols.preload`): a new interpreter would spend 8-9 s of CPU on
-those imports, about 9 CPU-minutes over the 64 runs of ``evidence.py all``.
+stopped; its log is ``<out>/<name>.log``. Each run is a new interpreter (``python -m protocols.jobs``) with one
+thread. Forking runs from a server that had imported torch, Lightning, transformers and PEFT once saved nothing
+measurable: the 5-6 s of imports came back as a slower run (CAFT's next-token run, alone, twice each way: 60.4-60.8
+s forked against 59.6-60.7 s from a new interpreter).
 
 ``evidence.py all`` runs its parts side by side, one thread each, over one pool of cores (:func:`share_cores`): a
 part waiting on its own sequential stages (the budget part's fine-tuning, CAFT's stage 1) leaves its core to
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 import importlib
 import json
-import multiprocessing
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -110,35 +111,12 @@ def run_all(part: str, runs: list[tuple[str, dict]], out: Path, jobs: int) -> li
     return [json.loads((out / f"{name}.json").read_text()) for name, _ in runs]
 
 
-_server_lock = threading.Lock()
-_server: Optional[multiprocessing.context.BaseContext] = None
-
-
-def _start(part: str, kwargs: dict, target: Path, log: Path):
-    """Start one run in a process forked from the preloaded server; it writes ``target``, its output to ``log``."""
-    global _server
-    with _server_lock:
-        if _server is None:
-            _server = multiprocessing.get_context("forkserver")
-            _server.set_forkserver_preload(["protocols.preload"])
-        process = _server.Process(target=_run, args=(part, kwargs, str(target), str(log)), name=target.stem)
-        process.start()
-    return process
-
-
-def _run(part: str, kwargs: dict, target: str, log: str) -> None:
-    """A run's process: output to ``log``, one thread, ``protocols.<part>.run_one(**kwargs)`` to ``target``."""
-    descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    sys.stdout.flush(), sys.stderr.flush()
-    os.dup2(descriptor, 1), os.dup2(descriptor, 2)
-    os.chdir(HERE.parent.parent)  # the repository root, where the parts' relative paths start
-    import torch
-
-    torch.set_num_threads(1)
-    result = importlib.import_module(f"protocols.{part}").run_one(**kwargs)
-    tmp = Path(target).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, target)
+def _start(part: str, kwargs: dict, target: Path, log: Path) -> subprocess.Popen:
+    """Start one run in a new interpreter; it writes ``target``, its output to ``log``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    command = [sys.executable, "-m", "protocols.jobs", part, json.dumps(kwargs), str(target)]
+    with open(log, "w") as output:  # the child holds its own copy of the descriptor
+        return subprocess.Popen(command, env=env, cwd=HERE.parent.parent, stdout=output, stderr=subprocess.STDOUT)
 
 
 def cpu_trainer(callbacks=(), validate: bool = False, **stop):
@@ -170,12 +148,27 @@ def same_settings(out: Path, settings: dict) -> None:
 def _reap(running, failed):
     still = []
     for name, process in running:
-        code = process.exitcode
+        code = process.poll()
         if code is None:
             still.append((name, process))
             continue
-        process.close()
         _give_core()
         if code != 0:
             failed.append(name)
     return still
+
+
+def main() -> None:
+    """A run's process: ``python -m protocols.jobs <part> <kwargs as JSON> <target>``, run from the repository."""
+    part, kwargs, target = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    import torch
+
+    torch.set_num_threads(1)
+    result = importlib.import_module(f"protocols.{part}").run_one(**kwargs)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, target)
+
+
+if __name__ == "__main__":
+    main()

@@ -111,6 +111,7 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
         self.guided_steps = 0
         self.guided_row_steps = 0
         self._fallbacks: Optional[torch.Tensor] = None  # on the device: read only when asked, no sync per step
+        self._removed = False
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -118,7 +119,13 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
         self.tracker.reset()
 
     def remove(self) -> None:
-        """Take the hooks off the model; warn if most guided row-steps fell back to the argmax token."""
+        """Take the hooks off the model; warn if most guided row-steps fell back to the argmax token.
+
+        Only the first call acts, so ``remove()`` inside a ``with`` block does not warn a second time on exit.
+        """
+        if self._removed:
+            return
+        self._removed = True
         self.capture.remove()
         share = self.fallback_share
         if share > 0.5:
