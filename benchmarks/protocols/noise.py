@@ -39,7 +39,8 @@ class NoiseSettings:
 
 def filler_ids(tokenizer, corpus: str) -> list[int]:
     """Token ids the task's text never uses (and no special token): the filler the spans draw from."""
-    used = set(tokenizer(corpus, add_special_tokens=False)["input_ids"])
+    # the whole corpus as one string: longer than the model's context on purpose, so no length warning
+    used = set(tokenizer(corpus, add_special_tokens=False, verbose=False)["input_ids"])
     special = set(tokenizer.all_special_ids)
     return [i for i in range(len(tokenizer)) if i not in used and i not in special]
 
