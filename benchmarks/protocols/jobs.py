@@ -4,8 +4,7 @@ A run is ``(part, name, kwargs)``: ``protocols.<part>.run_one(**kwargs)`` return
 ``<out>/<name>.json``. A run whose JSON exists is not run again, so an interrupted experiment resumes where it
 stopped; its log is ``<out>/<name>.log``. Each run is a new interpreter (``python -m protocols.jobs``) with one
 thread. Forking runs from a server that had imported torch, Lightning, transformers and PEFT once saved nothing
-measurable: the 5-6 s of imports came back as a slower run (CAFT's next-token run, alone, twice each way: 60.4-60.8
-s forked against 59.6-60.7 s from a new interpreter).
+measurable: the imports it skipped came back as a slower run (figures under "Timing" in benchmarks/README.md).
 
 ``evidence.py all`` runs its parts side by side, one thread each, over one pool of cores (:func:`share_cores`): a
 part waiting on its own sequential stages (the budget part's fine-tuning, CAFT's stage 1) leaves its core to
