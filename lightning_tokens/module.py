@@ -107,6 +107,12 @@ class CausalLMModule(ClipsMixedGradients, LightningModule):
         self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True)
 
     # -- validation, test and predict -----------------------------------------------------------------
+    def on_validation_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.generation_batches and getattr(datamodule, "eval_by_length", False):
+            raise ValueError("CausalLMModule.generation_batches with SFTDataModule(eval_by_length=True) would score "
+                             "only the shortest held-out samples; unset one of them")
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
 

@@ -70,3 +70,46 @@ def test_noise_is_drawn_per_sample_and_reproducible():
     _, other = _train_samples(noise, noise_seed=6)
     assert [s.input_ids for s in first] == [s.input_ids for s in again]
     assert [s.input_ids for s in first] != [s.input_ids for s in other]
+
+
+def test_the_audit_counts_the_same_tokens_in_padded_and_padding_free_batches():
+    """The ssToken audit on batches of the same samples, padded or padding-free, with a keep rule known per token
+    (even token ids kept): its counts equal those taken from the samples and their noise masks directly."""
+    from lightning_tokens.data.packing import real_tokens, segment_ids
+    from protocols.sstoken import audit_callback
+
+    task = ReasoningTask.preset("medium", style="concise", num_train=32, num_val=4, seed=900)
+    noise = NoiseSettings(noisy_fraction=0.5, spans=3, span_length=6, digit_rate=0.3)
+    expected = dict(noise=0, noise_kept=0, clean=0, clean_kept=0)
+    counted = []
+    for padding_free in (False, True):
+        data = NoisySFTDataModule(noise=noise, noise_seed=3, task=task, max_length=512, batch_size=8,
+                                  padding_free=padding_free)
+        data.tokenizer = load_task_tokenizer()
+        data.setup("fit")
+        audit = audit_callback(data.noise_masks)
+        for batch in data.train_dataloader():
+            segments = segment_ids(batch["position_ids"]) if padding_free else None
+            target_mask = batch["labels"][:, 1:] != -100
+
+            class Context:
+                input_ids, labels = batch["input_ids"], batch["labels"]
+                attention_mask = real_tokens(segments) if padding_free else batch["attention_mask"]
+                weights = (target_mask & (batch["input_ids"][:, 1:] % 2 == 0)).float()
+
+            Context.segments, Context.target_mask = segments, target_mask
+            audit.reshape_token_loss(Context)
+        counted.append(audit.counts)
+        if padding_free:
+            continue
+        for sample in data.train_dataset.samples:
+            flags = data.noise_masks.get(sample_key(sample.input_ids, sample.labels))
+            if flags is None:
+                continue
+            targets = [token for token, label in zip(sample.input_ids, sample.labels) if label != -100]
+            for is_noise, token in zip(flags, targets):
+                name = "noise" if is_noise else "clean"
+                expected[name] += 1
+                expected[name + "_kept"] += int(token % 2 == 0)
+    assert expected["noise"] > 0 and 0 < expected["noise_kept"] < expected["noise"]
+    assert counted == [expected, expected]

@@ -51,7 +51,7 @@ from protocols.jobs import cpu_trainer, run_all, same_settings
 
 #: Every setting of the part (``quick`` overrides a few).
 SETTINGS = dict(preset="easy", style="mixed", task_seed=300, trace_seed=301, num_finetune=2048, finetune_batch=16,
-                finetune_lr=5e-4, max_length=256, num_traces=2048, trace_batch=128, trace_max_new_tokens=200,
+                finetune_lr=5e-4, padding_free=True, max_length=256, num_traces=2048, trace_batch=128, trace_max_new_tokens=200,
                 predictor_width=64, predictor_epochs=3, predictor_lr=1e-3, predictor_batch=32, val_fraction=0.1,
                 num_eval=512, eval_batch=128, max_new_tokens=200, fractions=(0.25, 0.5, 0.75, 1.0), quantile=0.05,
                 window=10.0)
@@ -100,7 +100,7 @@ def finetune(base: str, settings: dict[str, Any], seed: int, out: str) -> dict:
     optimizer = OptimizerConfig(name="adamw", lr=settings["finetune_lr"], warmup=0.05, schedule="linear")
     model = CausalLMModule(model=ModelSpec(name_or_path=base, seed=seed), optimizer=optimizer, max_new_tokens=0)
     data = SFTDataModule(task=task(settings, num_train=settings["num_finetune"]), max_length=settings["max_length"],
-                         batch_size=settings["finetune_batch"], seed=seed)
+                         batch_size=settings["finetune_batch"], padding_free=settings["padding_free"], seed=seed)
     trainer = cpu_trainer()
     trainer.fit(model, datamodule=data)
     tmp = target.with_name("model.partial")

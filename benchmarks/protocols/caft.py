@@ -71,7 +71,7 @@ CAFT = dict(beta=0.01, gamma=0.8, schedule="rsine", train_heads=False)
 
 SETTINGS: dict[str, Any] = dict(
     preset="easy", style="words", num_train=1024, num_eval=512, task_seed=300, batch_size=8, eval_batch_size=128,
-    max_length=512, max_new_tokens=160, lr=1e-3, warmup=0.05, lora=None,
+    max_length=512, max_new_tokens=160, lr=1e-3, warmup=0.05, lora=None, padding_free=True,
     stage1=dict(prompts={"easy": 768, "medium": 256}, task_seed=301, max_new_tokens=256, epochs=3, batch_size=16,
                 lr=1e-3, warmup=0.05, val_fraction=0.1, num_heads=4, gamma=0.8),
 )
@@ -159,7 +159,8 @@ def build_heads(base: str, settings: dict[str, Any], out: Path) -> dict:
     distill_seconds, distill_cpu = time.time() - started, time.process_time() - cpu
     pl.seed_everything(s1["task_seed"], verbose=False)
     data = SFTDataModule(train_file=str(distilled), val_fraction=s1["val_fraction"], max_length=settings["max_length"],
-                         batch_size=s1["batch_size"], eval_batch_size=64, seed=s1["task_seed"])
+                         batch_size=s1["batch_size"], eval_batch_size=64, padding_free=settings["padding_free"],
+                         seed=s1["task_seed"])
     run = cpu_trainer(validate=True, max_epochs=s1["epochs"])
     run.fit(module, datamodule=data)
     metrics = run.validate(module, datamodule=data, verbose=False)[0]
@@ -238,7 +239,7 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], heads: 
                                                  seed=seed), optimizer=optimizer,
                            max_new_tokens=settings["max_new_tokens"])
     data = SFTDataModule(task=task(settings), max_length=settings["max_length"], batch_size=settings["batch_size"],
-                         eval_batch_size=settings["eval_batch_size"], seed=seed)
+                         eval_batch_size=settings["eval_batch_size"], padding_free=settings["padding_free"], seed=seed)
     data.tokenizer = model.tokenizer
     started, cpu = time.time(), time.process_time()
     result: dict[str, Any] = dict(method=method, seed=seed, steps=0)

@@ -21,7 +21,7 @@ from lightning_tokens.data.encode import (
     encode_prompt,
     encode_record,
 )
-from lightning_tokens.data.packing import PackedCollator, PackedRows, uses_flash_attention
+from lightning_tokens.data.packing import PackedCollator, PackedRows, PaddingFreeCollator, uses_flash_attention
 from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.data.records import DataError, Record, check_prompt_record, from_dicts, read_file, read_hub_dataset
 
@@ -156,6 +156,15 @@ class SFTDataModule(LightningDataModule):
             many samples as fit, with ``position_ids`` restarting at every sample and no token attending
             across samples. Validation batches stay padded, so their losses compare with unpacked runs.
             Default ``False``.
+        padding_free: Keep each training batch's ``batch_size`` samples (the same samples, in the same
+            order, as padded batches) but pack them into as few rows of at most ``max_length`` tokens as hold
+            them, so no compute goes to padding: the same optimisation steps as padded batches, cheaper where
+            lengths vary. Excludes ``packing``. Default ``False``.
+        eval_by_length: Validation and test batches take the held-out samples shortest first (prompt and
+            reference response together), so each batch's ``generate()`` call holds problems of similar size
+            and stops sooner. Metrics are over the same samples; only the batching changes. With
+            ``CausalLMModule(generation_batches=N)``, N > 0, the N generated batches would be the shortest
+            samples, so that combination is refused. ``predict`` keeps the file's order. Default ``False``.
     """
 
     def __init__(
@@ -179,10 +188,15 @@ class SFTDataModule(LightningDataModule):
         answer_field: str = "answer",
         predict_file: Optional[str] = None,
         packing: bool = False,
+        padding_free: bool = False,
+        eval_by_length: bool = False,
     ) -> None:
         super().__init__()
         if truncation not in ("truncate", "drop"):
             raise ValueError(f"SFTDataModule.truncation must be 'truncate' or 'drop', got {truncation!r}")
+        if packing and padding_free:
+            raise ValueError("SFTDataModule: packing and padding_free exclude each other; packing=True packs whole "
+                             "rows of samples per batch, padding_free=True keeps batch_size samples per batch")
         check_length_and_split("SFTDataModule", max_length, val_fraction)
         self.save_hyperparameters()
         self.train_file, self.val_file = train_file, val_file
@@ -195,7 +209,8 @@ class SFTDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pad_to_multiple_of = num_workers, pad_to_multiple_of
         self.answer_field, self.predict_file = answer_field, predict_file
-        self.packing = bool(packing)
+        self.packing, self.padding_free = bool(packing), bool(padding_free)
+        self.eval_by_length = bool(eval_by_length)
         self.packed_rows: Optional[PackedRows] = None
         self.predict_dataset: Optional[EncodedDataset] = None
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
@@ -285,9 +300,12 @@ class SFTDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.packed_rows if self.packing else self.train_dataset
-        collate = (PackedCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of,
-                                  uses_flash_attention(self.trainer))
-                   if self.packing else self._collator(False))
+        collate: Callable = self._collator(False)
+        if self.packing or self.padding_free:
+            collate = PackedCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of,
+                                     uses_flash_attention(self.trainer))
+            if self.padding_free:
+                collate = PaddingFreeCollator(collate, self.max_length)
         return ResumableDataLoader(dataset, batch_size=self.batch_size, collate_fn=collate,
                                    sampler=EpochSeededSampler(dataset, self.seed), num_workers=self.num_workers,
                                    progress=epoch_progress(self.trainer))
@@ -297,7 +315,11 @@ class SFTDataModule(LightningDataModule):
         if self.val_dataset is None:
             return []
         has_answers = any(a is not None for a in self.val_dataset.answers)
-        return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, shuffle=False,
+        samples = self.val_dataset.samples
+        order = range(len(samples))
+        if self.eval_by_length:
+            order = sorted(order, key=lambda i: (len(samples[i].input_ids), i))
+        return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, sampler=list(order),
                           collate_fn=self._collator(has_answers), num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader | list:

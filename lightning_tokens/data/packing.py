@@ -138,6 +138,43 @@ class PackedCollator:
         return batch
 
 
+@dataclass
+class PaddingFreeCollator:
+    """Packs the samples of one batch into rows (:func:`pack_lengths` over this batch alone), then collates those
+    rows with ``collator``.
+
+    A batch keeps the samples it would have had padded, so training takes the same steps over the same
+    samples; only the compute spent on padding goes. The row capacity is chosen per batch: of the longest
+    sample's length times 1, 1.25, 1.5, 2, 3 or 4, and ``max_length``, the one whose rows leave the fewest
+    token slots (rows times the fullest row), the smallest on a tie. Capacity 1x never packs more slots than
+    padding, so no batch gets wider than its padded form.
+
+    Args:
+        collator: The :class:`PackedCollator` that concatenates each row.
+        max_length: Tokens per row at most (no sample is longer).
+    """
+
+    collator: PackedCollator
+    max_length: int
+
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        rows = self.rows([len(_encoded(item).input_ids) for item in items])
+        return self.collator([[items[i] for i in row] for row in rows])
+
+    def rows(self, lengths: list[int]) -> list[list[int]]:
+        """The rows of the capacity that leaves the fewest token slots."""
+        longest = max(lengths)
+        capacities = sorted({min(self.max_length, -(-longest * scale // 4)) for scale in (4, 5, 6, 8, 12, 16)}
+                            | {max(longest, self.max_length)})
+        best: Optional[tuple[int, list[list[int]]]] = None
+        for capacity in capacities:
+            rows = pack_lengths(lengths, capacity)
+            slots = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+            if best is None or slots < best[0]:
+                best = (slots, rows)
+        return best[1]
+
+
 def segment_ids(position_ids: Tensor) -> Tensor:
     """``(B, T)`` number of the sample each token belongs to within its row, from 0.
 
