@@ -1,10 +1,11 @@
-"""Real (non-padding) tokens per second of SFT training steps: packed rows against padded batches.
+"""Real (non-padding) tokens per second of SFT training steps: packed rows and padding-free batches against padded.
 
     OMP_NUM_THREADS=2 python benchmarks/packing_speed.py                  # CPU, every length distribution
     python benchmarks/packing_speed.py --device cuda --dtype bfloat16 --hidden 1024 --layers 8
 
-Three length distributions, batch 8 either way (8 samples padded, or 8 rows of up to ``max_length`` tokens
-packed):
+Three layouts: ``padded`` (8 samples padded to the longest), ``padding_free`` (the same 8 samples packed into
+rows, ``SFTDataModule(padding_free=True)``) and ``packed`` (8 rows of up to ``max_length`` tokens,
+``SFTDataModule(packing=True)``). Three length distributions:
 
 - ``embedded``: the embedded reasoning task at 1-4 digits, 2-4 operands, mixed thinking styles, through
   ``SFTDataModule`` itself (``packing=False`` / ``True``, ``max_length`` 512);
@@ -14,8 +15,8 @@ packed):
 
 A step is what ``CausalLMModule`` runs: forward through the loss dispatcher (``PlainLoss``, the lean loss),
 backward, AdamW. Each layout gets one warm-up step, then ``--steps`` timed steps over the same samples in the
-same order; the figure is real tokens over the timed steps' wall time, and the speed-up is packed over
-padded, measured in the same run. The padding share is of the token slots the model computed.
+same order; the figure is real tokens over the timed steps' wall time, and the speed-ups are over padded,
+measured in the same run. The padding share is of the token slots the model computed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_tokens.data.encode import Encoded, SFTCollator  # noqa: E402
-from lightning_tokens.data.packing import PackedCollator, PackedRows, model_inputs, real_token_count  # noqa: E402
+from lightning_tokens.data.packing import (PackedCollator, PackedRows, PaddingFreeCollator, model_inputs,  # noqa: E402
+                                           real_token_count)
 
 
 def embedded_samples(tokenizer, easy: bool = False) -> tuple[list, int]:
@@ -58,12 +60,15 @@ def lognormal_samples(vocab: int, count: int = 600, seed: int = 0) -> tuple[list
     return samples, 2048
 
 
-def batches(samples: list, max_length: int, packed: bool, batch_size: int, seed: int, pad_id: int) -> list[dict]:
-    """Every batch of one epoch over ``samples`` in a seeded order."""
+def batches(samples: list, max_length: int, layout: str, batch_size: int, seed: int, pad_id: int) -> list[dict]:
+    """Every batch of one epoch over ``samples`` in a seeded order, in ``layout``; padded and padding-free batches
+    hold the same samples."""
+    packed = layout == "packed"
     items = PackedRows(samples, max_length) if packed else samples
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    collate = PackedCollator(pad_id) if packed else SFTCollator(pad_id)
+    collate = {"packed": PackedCollator(pad_id), "padded": SFTCollator(pad_id),
+               "padding_free": PaddingFreeCollator(PackedCollator(pad_id), max_length)}[layout]
     groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return [collate([items[i] if packed else (items[i], None) for i in group]) for group in groups]
 
@@ -131,19 +136,20 @@ def main() -> None:
         else:
             samples, max_length = embedded_samples(tokenizer, easy=kind == "easy")
         results = {}
-        for layout in ("padded", "packed"):
+        for layout in ("padded", "padding_free", "packed"):
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).train()
             TokenLossDispatcher.for_model(model).add(PlainLoss())
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            data = batches(samples, max_length, layout == "packed", args.batch, 0, tokenizer.pad_token_id)
+            data = batches(samples, max_length, layout, args.batch, 0, tokenizer.pad_token_id)
             results[layout] = run(model, optimizer, data, args.steps, device)
             print(json.dumps({"data": kind, "layout": layout, **results[layout]}), flush=True)
-        speedup = results["packed"]["tokens_per_s"] / results["padded"]["tokens_per_s"]
-        print(f"{kind}: padding {results['padded']['padding_share']:.1%} padded, "
-              f"{results['packed']['padding_share']:.1%} packed; real tokens/s "
-              f"{results['padded']['tokens_per_s']:.0f} -> {results['packed']['tokens_per_s']:.0f}: "
-              f"packed/padded = {speedup:.2f}x", flush=True)
+        padded = results["padded"]
+        for layout in ("padding_free", "packed"):
+            other = results[layout]
+            print(f"{kind}: padding {padded['padding_share']:.1%} padded, {other['padding_share']:.1%} {layout}; "
+                  f"real tokens/s {padded['tokens_per_s']:.0f} -> {other['tokens_per_s']:.0f}: "
+                  f"{layout}/padded = {other['tokens_per_s'] / padded['tokens_per_s']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
