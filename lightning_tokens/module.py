@@ -108,6 +108,12 @@ class CausalLMModule(ClipsMixedGradients, LightningModule):
 
     # -- validation, test and predict -----------------------------------------------------------------
     def on_validation_start(self) -> None:
+        self._refuse_shortest_only()
+
+    def on_test_start(self) -> None:
+        self._refuse_shortest_only()
+
+    def _refuse_shortest_only(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.generation_batches and getattr(datamodule, "eval_by_length", False):
             raise ValueError("CausalLMModule.generation_batches with SFTDataModule(eval_by_length=True) would score "

@@ -129,6 +129,10 @@ def test_eval_by_length_refuses_generating_only_some_batches():
 
     with pytest.raises(ValueError, match="generation_batches"):
         validate(1)
+    module = CausalLMModule(model=ModelSpec(config=tiny_config()), max_new_tokens=4, generation_batches=1)
+    tester = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="generation_batches"):
+        tester.test(module, datamodule=data(eval_by_length=True), verbose=False)
     assert "val/exact_match" not in validate(0) and "val/loss" in validate(0)  # the loss pass alone is whole
 
 

@@ -157,9 +157,10 @@ class SFTDataModule(LightningDataModule):
             across samples. Validation batches stay padded, so their losses compare with unpacked runs.
             Default ``False``.
         padding_free: Keep each training batch's ``batch_size`` samples (the same samples, in the same
-            order, as padded batches) but pack them into as few rows of at most ``max_length`` tokens as hold
-            them, so no compute goes to padding: the same optimisation steps as padded batches, cheaper where
-            lengths vary. Excludes ``packing``. Default ``False``.
+            order, as padded batches) but pack them into rows of at most ``max_length`` tokens, the row width
+            picked per batch so that it never takes more token slots than padding (see
+            :class:`~lightning_tokens.data.packing.PaddingFreeCollator`): the same optimisation steps as padded
+            batches, cheaper where lengths vary. Excludes ``packing``. Default ``False``.
         eval_by_length: Validation and test batches take the held-out samples shortest first (prompt and
             reference response together), so each batch's ``generate()`` call holds problems of similar size
             and stops sooner. Metrics are over the same samples; only the batching changes. With
