@@ -75,6 +75,8 @@ def test_noise_is_drawn_per_sample_and_reproducible():
 def test_the_audit_counts_the_same_tokens_in_padded_and_padding_free_batches():
     """The ssToken audit on batches of the same samples, padded or padding-free, with a keep rule known per token
     (even token ids kept): its counts equal those taken from the samples and their noise masks directly."""
+    from types import SimpleNamespace
+
     from lightning_tokens.data.packing import real_tokens, segment_ids
     from protocols.sstoken import audit_callback
 
@@ -91,14 +93,10 @@ def test_the_audit_counts_the_same_tokens_in_padded_and_padding_free_batches():
         for batch in data.train_dataloader():
             segments = segment_ids(batch["position_ids"]) if padding_free else None
             target_mask = batch["labels"][:, 1:] != -100
-
-            class Context:
-                input_ids, labels = batch["input_ids"], batch["labels"]
-                attention_mask = real_tokens(segments) if padding_free else batch["attention_mask"]
-                weights = (target_mask & (batch["input_ids"][:, 1:] % 2 == 0)).float()
-
-            Context.segments, Context.target_mask = segments, target_mask
-            audit.reshape_token_loss(Context)
+            audit.reshape_token_loss(SimpleNamespace(
+                input_ids=batch["input_ids"], labels=batch["labels"], segments=segments, target_mask=target_mask,
+                attention_mask=real_tokens(segments) if padding_free else batch["attention_mask"],
+                weights=(target_mask & (batch["input_ids"][:, 1:] % 2 == 0)).float()))
         counted.append(audit.counts)
         if padding_free:
             continue

@@ -51,7 +51,8 @@ from protocols.jobs import cpu_trainer, run_all, same_settings
 
 #: Every setting of the part (``quick`` overrides a few).
 SETTINGS = dict(preset="easy", style="mixed", task_seed=300, trace_seed=301, num_finetune=2048, finetune_batch=16,
-                finetune_lr=5e-4, padding_free=True, max_length=256, num_traces=2048, trace_batch=128, trace_max_new_tokens=200,
+                finetune_lr=5e-4, padding_free=True, max_length=256, num_traces=2048, trace_batch=128,
+                trace_max_new_tokens=200,
                 predictor_width=64, predictor_epochs=3, predictor_lr=1e-3, predictor_batch=32, val_fraction=0.1,
                 num_eval=512, eval_batch=128, max_new_tokens=200, fractions=(0.25, 0.5, 0.75, 1.0), quantile=0.05,
                 window=10.0)

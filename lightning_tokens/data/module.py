@@ -21,7 +21,8 @@ from lightning_tokens.data.encode import (
     encode_prompt,
     encode_record,
 )
-from lightning_tokens.data.packing import PackedCollator, PackedRows, PaddingFreeCollator, uses_flash_attention
+from lightning_tokens.data.packing import (PackedCollator, PackedRows, PaddingFreeCollator,
+                                           uses_flash_attention)
 from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.data.records import DataError, Record, check_prompt_record, from_dicts, read_file, read_hub_dataset
 
