@@ -24,14 +24,14 @@ from lightning_tokens.data.reasoning_task import ReasoningTask, check_answer, ex
 from lightning_tokens.data.tokenizer import load_task_tokenizer
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
 from lightning_tokens.module import CausalLMModule
-from lightning_tokens.optim import OptimizerConfig
+from lightning_tokens.optim import OptimizerConfig, ResumesExactly
 from lightning_tokens.predict import PredictionWriter
 from lightning_tokens.quantization import keep_4bit_weights_unpacked
 from lightning_tokens.selection import TokenSelection
 from lightning_tokens.thoughts import QuietSTaRModule, thoughtful_generate
 from lightning_tokens.thoughts.data import PlainTextDataModule
 from lightning_tokens.token_loss import (LogitsNotKept, PlainLoss, TokenLossCallback, TokenLossContext,
-                                         TokenLossDispatcher)
+                                         TokenLossDispatcher, UnsupportedLoss)
 
 __version__ = "0.1.0"
 
@@ -55,12 +55,14 @@ __all__ = [
     "PredictorConfig",
     "QuietSTaRModule",
     "ReasoningTask",
+    "ResumesExactly",
     "SFTDataModule",
     "TokenLossCallback",
     "TokenLossContext",
     "TokenLossDispatcher",
     "TokenSelection",
     "TraceDataModule",
+    "UnsupportedLoss",
     "check_answer",
     "collect_traces",
     "estimate_thinking_length",

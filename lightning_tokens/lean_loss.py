@@ -121,8 +121,8 @@ class HeadInputCapture:
     """Capture the input of a model's output head during one forward and keep the head from projecting it.
 
     While started, the first call of the head records its input (the final hidden state, ``(B, T, D)``) and the
-    head runs on ``keep`` positions of it instead: none (``(B, 0, V)`` logits) or the last one, for
-    :meth:`OutputProjection.check`.
+    head runs on ``keep`` positions of it instead: none (``(B, 0, V)`` logits) or the last few, for
+    :meth:`OutputProjection.check` (and the dispatcher's check of a model's own loss).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -130,14 +130,16 @@ class HeadInputCapture:
         self.hidden: Optional[Tensor] = None
         self._hook: Any = None
 
-    def start(self, keep_last: bool = False) -> None:
+    def start(self, keep_last: bool | int = False) -> None:
+        """Capture the next call of the head, which then projects the last ``int(keep_last)`` positions only."""
+        keep = int(keep_last)
         self.stop()  # a forward that raised may have left its hook behind
 
         def trim(module: nn.Module, args: tuple) -> Optional[tuple]:
             if self.hidden is not None or not args:
                 return None
             self.hidden = args[0]
-            kept = args[0][..., -1:, :] if keep_last else args[0][..., :0, :]
+            kept = args[0][..., -keep:, :] if keep else args[0][..., :0, :]
             return (kept, *args[1:])
 
         self._hook = self.head.register_forward_pre_hook(trim)

@@ -9,15 +9,19 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.quantization import bnb_config, from_pretrained_quantized
 
 Quantization = Literal["nf4", "fp4", "int8"]
@@ -31,6 +35,9 @@ TINY_DEFAULTS: dict[str, dict[str, Any]] = {
     "mistral": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
                     sliding_window=None),
+    # no SDPA in transformers' Gemma 2: it runs eager attention (see ModelSpec.attn_implementation)
+    "gemma2": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=1024),
     "gpt2": dict(n_embd=128, n_layer=4, n_head=4, n_positions=1024),
     # mixture-of-experts models whose checkpoints carry multi-token-prediction layers (num_mtp_layers)
     "deepseek_v3": dict(hidden_size=128, intermediate_size=352, moe_intermediate_size=64, num_hidden_layers=4,
@@ -68,7 +75,10 @@ class ModelSpec:
         compute_dtype: Dtype of the 4-bit matmuls. Default ``"auto"``: bfloat16 on a CUDA device that
             supports it, else float32.
         dtype: Dtype of unquantized weights. Default ``"float32"``; ``"bfloat16"`` halves memory on GPUs.
-        attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"``. Default ``"sdpa"``.
+        attn_implementation: The attention kernel: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``,
+            ``"flex_attention"``... Default ``None``: SDPA where the model supports it, else the model's own default
+            (eager for Gemma 2, say), logged once per model type. A kernel the model does not support raises a
+            ``ValueError`` naming those it does.
         gradient_checkpointing: Recompute activations in backward (non-reentrant). Default ``False``.
         seed: Seed of a tiny model's random initialisation. Default ``0``.
         trust_remote_code: Passed to ``from_pretrained``. Default ``False``.
@@ -82,7 +92,7 @@ class ModelSpec:
     double_quant: bool = True
     compute_dtype: str = "auto"
     dtype: str = "float32"
-    attn_implementation: str = "sdpa"
+    attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
     seed: int = 0
     trust_remote_code: bool = False
@@ -97,6 +107,10 @@ class ModelSpec:
         if self.quantization not in (None, "nf4", "fp4", "int8"):
             raise ValueError(f"ModelSpec.quantization must be 'nf4', 'fp4', 'int8' or null, got {self.quantization!r}")
         _dtype(self.dtype, "dtype")
+        if self.attn_implementation is not None and not isinstance(self.attn_implementation, str):
+            raise ValueError(f"ModelSpec.attn_implementation must be a string or null (automatic), "
+                             f"got {self.attn_implementation!r}")
+        check_numbers("ModelSpec", seed=(self.seed, "an integer"))
 
 
 # Checkpoints keep the spec in their hyperparameters; this lets torch.load(weights_only=True) read them.
@@ -160,7 +174,87 @@ def _device_map() -> dict[str, Any]:
     return {"": "cpu"}
 
 
+_FLASH = re.compile(r"flash_attention_\d+")
+#: Options a hub model's config is read with, when they are among ``ModelSpec.extra``.
+_CONFIG_OPTIONS = ("revision", "token", "cache_dir", "subfolder", "local_files_only")
+
+
+def supported_attention(model_class: type) -> Optional[tuple[str, ...]]:
+    """The attention implementations a transformers model class declares (``"eager"``, ``"sdpa"``,
+    ``"flash_attention_2"``...), or ``None`` where it declares nothing (custom code)."""
+    if getattr(model_class, "_supports_sdpa", None) is None:
+        return None
+    names = ["eager"] + (["sdpa"] if model_class._supports_sdpa else [])
+    if getattr(model_class, "_supports_flash_attn", False):
+        names += sorted(name for name in ALL_ATTENTION_FUNCTIONS if _FLASH.fullmatch(name))
+    if getattr(model_class, "_supports_flex_attn", False):
+        names.append("flex_attention")
+    return tuple(names)
+
+
+def _causal_lm_class(config: Any) -> Optional[type]:
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except (AttributeError, KeyError, ValueError):  # custom code, or not a causal LM: transformers will say
+        return None
+
+
+def check_attn_implementation(requested: str, config: Any) -> None:
+    """Refuse an ``attn_implementation`` the causal LM of ``config`` does not support.
+
+    Implementations transformers knows but a model does not declare (``"sdpa"`` on Gemma 2, flash attention on
+    GPT-2) and names nobody registered raise here, before anything is built; custom attention functions
+    registered in transformers' ``AttentionInterface`` and hub kernels (``"org/repo"``) go through.
+
+    Args:
+        requested: The ``attn_implementation`` asked for.
+        config: The model's transformers config.
+
+    Raises:
+        ValueError: The model does not support ``requested``; names the model type and what it supports.
+    """
+    model_class = _causal_lm_class(config)
+    supported = None if model_class is None else supported_attention(model_class)
+    if supported is None or requested in supported:
+        return
+    standard = requested in ("eager", "sdpa", "flex_attention") or _FLASH.fullmatch(requested)
+    if not standard and (requested in ALL_ATTENTION_FUNCTIONS or "/" in requested or "|" in requested):
+        return
+    listed = ", ".join(repr(name) for name in supported)
+    raise ValueError(f"ModelSpec.attn_implementation {requested!r}: {model_class.__name__} (model type "
+                     f"{config.model_type!r}) supports {listed}; or leave it null to pick one automatically")
+
+
+_reported_attention: set[tuple[str, str, Optional[str]]] = set()
+
+
+def _report_attention(model: PreTrainedModel, requested: Optional[str]) -> None:
+    """Log once per model type which attention implementation it runs, and why."""
+    used = str(model.config._attn_implementation)
+    key = (str(model.config.model_type), used, requested)
+    if key in _reported_attention:
+        return
+    _reported_attention.add(key)
+    if requested is not None:
+        why = "as requested"
+    elif used == "sdpa":
+        why = "chosen automatically"
+    else:
+        why = f"chosen automatically: {type(model).__name__} does not support 'sdpa'"
+    rank_zero_info(f"ModelSpec: model type {key[0]!r} runs attn_implementation {used!r} ({why})")
+
+
 def _build_base(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    if spec.attn_implementation is not None and spec.name_or_path is not None:
+        options = {name: spec.extra[name] for name in _CONFIG_OPTIONS if name in spec.extra}
+        check_attn_implementation(spec.attn_implementation, AutoConfig.from_pretrained(
+            spec.name_or_path, trust_remote_code=spec.trust_remote_code, **options))
+    model = _build_base_model(spec, tokenizer)
+    _report_attention(model, spec.attn_implementation)
+    return model
+
+
+def _build_base_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     kwargs: dict[str, Any] = dict(attn_implementation=spec.attn_implementation, dtype=_dtype(spec.dtype, "dtype"))
     if spec.name_or_path is not None:
         kwargs.update(trust_remote_code=spec.trust_remote_code, **spec.extra)
@@ -169,6 +263,8 @@ def _build_base(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrain
                                              **kwargs)
         return AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
     config = tiny_config(spec.config or {"model_type": "llama"}, tokenizer)
+    if spec.attn_implementation is not None:
+        check_attn_implementation(spec.attn_implementation, config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config, **kwargs)
@@ -219,7 +315,8 @@ def load_causal_lm(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerBase]
         model itself.
     """
     if spec.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
-        raise ValueError("ModelSpec.attn_implementation 'flash_attention_2' needs a CUDA device; use 'sdpa'")
+        raise ValueError("ModelSpec.attn_implementation 'flash_attention_2' needs a CUDA device; leave it null "
+                         "(automatic) or use 'sdpa' or 'eager'")
     tokenizer = load_tokenizer(spec)
     model = _build_base(spec, tokenizer)
     if spec.quantization:
@@ -274,6 +371,20 @@ def causal_lm_of(model: nn.Module) -> PreTrainedModel:
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` holds bitsandbytes-quantized weights."""
     return bool(getattr(causal_lm_of(model), "is_quantized", False))
+
+
+def inference_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments for a forward or ``generate()`` of ``model`` that only infers: ``output_router_logits=False``
+    where its config asks for router logits (a mixture-of-experts model set up for training), else none.
+
+    The router load-balancing loss is a training term. Computed while decoding with a cache it fails: transformers'
+    ``load_balancing_loss_func`` weighs the new tokens' router logits with the whole attention mask.
+
+    Args:
+        model: The causal LM, plain or wrapped (PEFT, a LightningModule's attribute).
+    """
+    routed = getattr(causal_lm_of(model).config.get_text_config(), "output_router_logits", False)
+    return {"output_router_logits": False} if routed else {}
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

@@ -11,17 +11,18 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.packing import batch_is_packed, model_inputs, real_token_count
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, extract_answer, is_correct, thinking_length
-from lightning_tokens.modeling import ModelSpec, base_reference, is_quantized, load_causal_lm
-from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups, remember_total_steps, total_training_steps
+from lightning_tokens.modeling import ModelSpec, base_reference, inference_kwargs, is_quantized, load_causal_lm
+from lightning_tokens.optim import OptimizerConfig, ResumesExactly, configure, parameter_groups
 from lightning_tokens.quantization import restore_4bit_quant_states
 from lightning_tokens.sharding import (ClipsMixedGradients, data_parallel_mesh, full_state_dict, is_sharded,
                                        shard_causal_lm, warn_if_fsdp1)
-from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, PlainLoss, TokenLossDispatcher
+from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, PlainLoss, TokenLossDispatcher, model_loss_terms
 
 
-class CausalLMModule(ClipsMixedGradients, LightningModule):
+class CausalLMModule(ResumesExactly, ClipsMixedGradients, LightningModule):
     """Supervised fine-tuning of a causal LM (full, LoRA or QLoRA) on batches from :class:`SFTDataModule`.
 
     ``training_step`` calls the model with ``labels`` and returns ``outputs.loss``, so token-level callbacks
@@ -29,7 +30,10 @@ class CausalLMModule(ClipsMixedGradients, LightningModule):
 
     Logged: ``train/loss``, ``train/ppl``, ``train/tokens_per_sec``, ``val/loss``, ``val/ppl`` and, when the
     validation batches carry reference answers, ``val/exact_match`` and ``val/thinking_length`` from
-    batched greedy generation.
+    batched greedy generation. A mixture-of-experts model run with ``output_router_logits`` (in its config:
+    ``ModelSpec(config={..., "output_router_logits": True})`` or ``extra``) trains on the loss transformers
+    computes, cross-entropy plus ``router_aux_loss_coef * aux_loss``, and that term is logged as
+    ``train/router_loss``; ``val/loss`` and ``val/ppl`` stay the next-token cross-entropy alone.
 
     Args:
         model: What model to load. Default ``ModelSpec()``: a tiny Llama with the embedded tokenizer.
@@ -52,6 +56,8 @@ class CausalLMModule(ClipsMixedGradients, LightningModule):
         keep_logits: bool = False,
     ) -> None:
         super().__init__()
+        check_numbers("CausalLMModule", max_new_tokens=(max_new_tokens, "an integer >= 0"),
+                      generation_batches=(generation_batches, "an integer >= 0 or None"))
         self.spec = model if model is not None else ModelSpec()
         self.optim = optimizer if optimizer is not None else OptimizerConfig()
         self.max_new_tokens = max_new_tokens
@@ -83,6 +89,7 @@ class CausalLMModule(ClipsMixedGradients, LightningModule):
             self._plain_loss = None
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         self._step_started = time.perf_counter()
         if getattr(self, "_plain_loss", None) is not None:
             TokenLossDispatcher.for_model(self.model).expect_packed = batch_is_packed(batch)
@@ -95,6 +102,9 @@ class CausalLMModule(ClipsMixedGradients, LightningModule):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach().clamp(max=50)))
+        router = model_loss_terms(self.model, outputs).get("router")
+        if router is not None:
+            self.log("train/router_loss", router.detach())
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
@@ -139,8 +149,10 @@ class CausalLMModule(ClipsMixedGradients, LightningModule):
         # a packed batch of a loader of your own carries use_cache=False: a cache would hide its sample boundaries
         outputs = self.model(**model_inputs(batch))
         targets = (batch["labels"][:, 1:] != -100).sum()
-        self.val_loss.update(outputs.loss, weight=targets)
-        self.val_nll.update(outputs.loss, weight=targets)
+        # the next-token loss alone: without the router term a mixture-of-experts model adds to its own loss
+        nll = outputs.loss - sum(model_loss_terms(self.model, outputs).values())
+        self.val_loss.update(nll, weight=targets)
+        self.val_nll.update(nll, weight=targets)
         self.log(f"{stage}/loss", self.val_loss, prog_bar=True)
         wanted = self.generation_batches is None or batch_idx < self.generation_batches
         if "answers" in batch and wanted and self.max_new_tokens > 0:
@@ -185,13 +197,17 @@ class CausalLMModule(ClipsMixedGradients, LightningModule):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> list[list[int]]:
         """Greedy completions (new token ids, up to eos) of left-padded prompts.
 
+        A mixture-of-experts model decodes without router logits, whatever its config says (the router loss is a
+        training term; see :func:`~lightning_tokens.modeling.inference_kwargs`).
+
         Args:
             input_ids: ``(B, T)`` left-padded prompt ids.
             attention_mask: ``(B, T)`` its mask.
             **kwargs: Overrides of ``generate()`` arguments (``max_new_tokens`` defaults to the module's).
         """
         options = dict(max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
-                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                       **inference_kwargs(self.model))
         options.update(kwargs)
         was_training = self.model.training
         self.model.eval()
@@ -222,13 +238,10 @@ class CausalLMModule(ClipsMixedGradients, LightningModule):
 
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
-        return configure(self.optim, groups, total_training_steps(self))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        remember_total_steps(self, checkpoint, loading=False)
+        return configure(self.optim, groups, self.total_training_steps())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        remember_total_steps(self, checkpoint, loading=True)
+        super().on_load_checkpoint(checkpoint)
         restore_4bit_quant_states(self, checkpoint.get("state_dict", {}))
         # Submodules a callback attached (CAFT's heads) are in the checkpoint. Loaded without that callback
         # (``load_from_checkpoint`` for inference or export) they are not wanted: drop them instead of failing

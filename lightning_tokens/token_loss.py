@@ -12,13 +12,18 @@ then writes the resulting loss into the model's output, where the user's ``train
 ``outputs.loss`` as usual.
 
 The loss is the weighted mean ``sum(weights * token_loss) / sum(weights)`` over target tokens plus the
-added terms. With the initial weights (1 on every target) it is exactly the usual next-token loss.
+added terms, plus the terms the model's own forward adds to its loss beside the cross-entropy (the router
+load-balancing loss of mixture-of-experts models, see :func:`model_loss_terms`). With the initial weights (1 on
+every target) it is exactly the loss transformers computes. A model's first dispatched forward also has the model
+compute its own loss on one probe target (:func:`check_loss_terms`): a term it adds that is not reproduced raises
+:class:`UnsupportedLoss` instead of being dropped.
 Evaluation forwards (model in eval mode) and forwards without labels pass through untouched, so
 validation losses of runs with and without callbacks compare on the same metric.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections import OrderedDict
 from typing import Any, Optional
@@ -30,9 +35,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from lightning_tokens.data.packing import (PackingError, batch_is_packed, flash_attention_kwargs, is_packed,
-                                           real_tokens, restarts_between_real_tokens, runs_flash_attention,
-                                           segment_ids)
+from lightning_tokens.checks import check_numbers
+from lightning_tokens.data.packing import (PackingError, batch_is_packed, check_packed_forward, flash_attention_kwargs,
+                                           is_packed, real_tokens, restarts_between_real_tokens,
+                                           runs_flash_attention, segment_ids)
 from lightning_tokens.lean_loss import (DEFAULT_CHUNK, IGNORE_INDEX, HeadInputCapture, OutputProjection,
                                         UnsupportedLogits, chunked_cross_entropy, is_checked, shifted_targets,
                                         token_cross_entropy)
@@ -80,6 +86,9 @@ class TokenLossContext:
         weights: ``(B, T - 1)`` float32 weight of each prediction in the loss; starts as ``target_mask``.
             Handlers change it in place or replace it.
         extra_losses: Named scalar terms added to the loss (auxiliary heads, ...).
+        model_terms: Named scalar terms the model's own forward adds to its loss beside the cross-entropy, as it
+            adds them (``{"router": router_aux_loss_coef * aux_loss}`` for a mixture-of-experts model run with
+            ``output_router_logits``; see :func:`model_loss_terms`); added to the loss whatever the weights.
         captured: Inputs of submodules captured during this forward, by the key given to
             :meth:`TokenLossDispatcher.capture_inputs`: ``(args, kwargs)`` of the call.
         call_kwargs: The keyword arguments the model was called with (labels removed).
@@ -94,7 +103,8 @@ class TokenLossContext:
                  hidden: Optional[Tensor] = None, logits: Optional[Tensor] = None,
                  projection: Optional[OutputProjection] = None, captured: Optional[dict] = None,
                  call_kwargs: Optional[dict[str, Any]] = None, chunk_size: int = DEFAULT_CHUNK,
-                 segments: Optional[Tensor] = None) -> None:
+                 segments: Optional[Tensor] = None, model_terms: Optional[dict[str, Tensor]] = None) -> None:
+        check_numbers("TokenLossContext", chunk_size=(chunk_size, "an integer >= 1"))
         if (hidden is None) == (logits is None):
             raise ValueError("TokenLossContext needs exactly one of hidden and logits")
         self.model, self.input_ids, self.attention_mask, self.labels = model, input_ids, attention_mask, labels
@@ -103,6 +113,7 @@ class TokenLossContext:
         self.target_mask = shifted_targets(labels)[1]
         self.weights = self.target_mask.float()
         self.extra_losses: dict[str, Tensor] = {}
+        self.model_terms: dict[str, Tensor] = dict(model_terms or {})
         self.captured = captured if captured is not None else {}
         self.call_kwargs = call_kwargs if call_kwargs is not None else {}
         self.chunk_size = chunk_size
@@ -164,7 +175,7 @@ class TokenLossContext:
         return self.attention_mask.bool() & (self.labels == IGNORE_INDEX)
 
     def loss(self) -> Tensor:
-        """The training loss: weighted mean token loss plus every extra term.
+        """The training loss: weighted mean token loss plus every extra term and every model term.
 
         When no handler read ``token_loss`` and the weights are constants, the weighted mean is computed in
         one fused pass over the rows of non-zero weight, every gradient finished in forward.
@@ -180,6 +191,8 @@ class TokenLossContext:
             total = (self.token_loss * self.weights).sum() / denominator
         for term in self.extra_losses.values():
             total = total + term
+        for term in self.model_terms.values():
+            total = total + term.to(total.device)
         return total
 
 
@@ -192,6 +205,140 @@ def per_token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
                            ignore_index=IGNORE_INDEX, reduction="none")
     loss = loss.view_as(shifted)[:, :-1]
     return loss, shifted[:, :-1] != IGNORE_INDEX
+
+
+class UnsupportedLoss(ValueError):
+    """A model's forward adds to its training loss something the dispatcher does not reproduce."""
+
+
+#: Causal LMs whose own loss was compared with the cross-entropy plus their :func:`model_loss_terms`.
+_terms_checked: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def router_aux_coefficient(model: nn.Module) -> float:
+    """The coefficient a mixture-of-experts causal LM multiplies its router ``aux_loss`` by in its own loss.
+
+    Read where the model's forward reads it: the model's ``router_aux_loss_coef`` attribute (Mixtral, Qwen2/3-MoE,
+    OLMoE, Jamba, DBRX, ...; JetMoE's ``aux_loss_coef``), else its text config's ``router_aux_loss_coef``.
+
+    Raises:
+        UnsupportedLoss: Neither is set.
+    """
+    lm = causal_lm_of(model)
+    for name in ("router_aux_loss_coef", "aux_loss_coef"):
+        if isinstance(getattr(lm, name, None), (int, float)):
+            return float(getattr(lm, name))
+    coefficient = getattr(lm.config.get_text_config(), "router_aux_loss_coef", None)
+    if coefficient is None:
+        raise UnsupportedLoss(f"{type(lm).__name__} returns an aux_loss but has no router_aux_loss_coef (model "
+                              "attribute or config) saying how much of it its own loss adds, so lightning-tokens cannot "
+                              "add it")
+    return float(coefficient)
+
+
+def model_loss_terms(model: nn.Module, output: Any) -> dict[str, Tensor]:
+    """The terms a causal LM's forward adds to its loss beside the cross-entropy, exactly as it adds them.
+
+    A mixture-of-experts model run with ``output_router_logits`` (config or call) returns its router
+    load-balancing loss as ``output.aux_loss``, computed on the positions of the call's attention mask (every
+    position when there is none, as in a packed batch), and given labels adds ``router_aux_loss_coef * aux_loss``
+    to its loss: that is ``{"router": coefficient * aux_loss}`` here, in the graph. Without router logits the
+    model returns no ``aux_loss`` and there is no term.
+
+    Args:
+        model: The causal LM (a PEFT wrapper is looked through).
+        output: Its output (a transformers ``ModelOutput``).
+
+    Raises:
+        UnsupportedLoss: The output holds another loss (a field named ``*loss*`` besides ``loss`` and ``aux_loss``),
+            which the model may add to its own loss and lightning-tokens would drop; the message names it.
+    """
+    terms: dict[str, Tensor] = {}
+    for name in list(output.keys()):
+        value = output[name]
+        if name == "loss" or "loss" not in name or value is None:
+            continue
+        if name != "aux_loss":
+            raise UnsupportedLoss(
+                f"{type(causal_lm_of(model)).__name__} returns a loss term {name!r} that lightning-tokens does not add "
+                f"to the training loss it computes (it adds the router aux_loss only): training through it would "
+                f"silently drop {name!r}; train this model without lightning-tokens' callbacks and CausalLMModule")
+        if torch.is_tensor(value):
+            terms["router"] = router_aux_coefficient(model) * value
+        elif value != 0:  # transformers' load_balancing_loss_func returns a plain 0 when there are no router logits
+            raise UnsupportedLoss(f"{type(causal_lm_of(model)).__name__} returned aux_loss={value!r}, not a tensor")
+    return terms
+
+
+def router_loss(model: nn.Module, router_logits: Optional[tuple[Tensor, ...]],
+                attention_mask: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``router_aux_loss_coef * aux_loss`` of router logits a method collected from the model's decoder itself.
+
+    The load-balancing loss comes from the model family's own ``load_balancing_loss_func`` with the model's
+    ``num_experts`` and ``num_experts_per_tok``, as its causal LM forward computes it.
+
+    Args:
+        model: The causal LM (a PEFT wrapper is looked through).
+        router_logits: Per MoE layer ``(B * T, experts)`` router logits (the decoder output's ``router_logits``), or
+            ``None``.
+        attention_mask: ``(B, T)`` the mask the forward was given, or ``None`` (every position counts, as in a packed
+            batch). Default ``None``.
+
+    Returns:
+        The term, in the graph, or ``None`` without router logits.
+
+    Raises:
+        UnsupportedLoss: The model's family has no ``load_balancing_loss_func`` taking these arguments.
+    """
+    if not router_logits:
+        return None
+    lm = causal_lm_of(model)
+    balance = getattr(sys.modules.get(type(lm).__module__), "load_balancing_loss_func", None)
+    experts, top_k = getattr(lm, "num_experts", None), getattr(lm, "num_experts_per_tok", None)
+    if balance is None or not isinstance(experts, int) or not isinstance(top_k, int):
+        raise UnsupportedLoss(f"{type(lm).__name__} returns router logits, but lightning-tokens does not know how its "
+                              "forward turns them into a load-balancing loss (no load_balancing_loss_func, num_experts "
+                              "and num_experts_per_tok); set output_router_logits to false in its config")
+    return router_aux_coefficient(lm) * balance(tuple(router_logits), experts, top_k, attention_mask)
+
+
+def probe_labels(labels: Tensor, width: int) -> Tensor:
+    """``(B, width)`` labels whose only target is token 0 at the last position: the model's own loss on them is the
+    cross-entropy of its logits at position ``width - 2`` against 0, plus whatever its forward adds."""
+    probe = labels.new_full((labels.shape[0], width), IGNORE_INDEX)
+    probe[:, -1] = 0
+    return probe
+
+
+def check_loss_terms(model: nn.Module, output: Any, terms: dict[str, Tensor], call_kwargs: dict[str, Any]) -> None:
+    """Compare the loss a model computed itself on :func:`probe_labels` with the cross-entropy plus ``terms``.
+
+    Whatever a model adds to its loss, it adds with the labels it is given, so one forward with the probe labels
+    shows the whole sum at the cost of one projected position: its ``loss`` minus the cross-entropy of
+    ``output.logits[:, -2]`` against token 0 must be the terms :func:`model_loss_terms` found. A difference is a
+    term no output field names (or a loss other than the mean cross-entropy), which the dispatcher would drop.
+
+    Raises:
+        UnsupportedLoss: They differ by more than rounding.
+    """
+    own = output.get("loss")
+    if own is None:  # the model computes no loss even with labels: there is nothing to drop
+        return
+    with torch.no_grad():
+        logits = output.logits[:, -2].float()
+        cross_entropy = F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="sum")
+        items = call_kwargs.get("num_items_in_batch")  # transformers then divides the sum by it, not by the count
+        cross_entropy = cross_entropy / (items if items is not None else logits.shape[0])
+        expected = cross_entropy + sum(term.detach().float().to(logits.device) for term in terms.values())
+        gap = (own.detach().float().to(logits.device) - expected).abs().item()
+        tolerance = 1e-5 * (1.0 + expected.abs().item())
+    if gap > tolerance:
+        known = f" plus {', '.join(terms)} ({', '.join(f'{v.item():.4g}' for v in terms.values())})" if terms else ""
+        raise UnsupportedLoss(
+            f"{type(causal_lm_of(model)).__name__}'s own loss differs by {gap:.3g} from the next-token cross-entropy"
+            f"{known}: its forward adds a term no output field names, or computes its loss otherwise, and "
+            "lightning-tokens, which computes the training loss itself, would silently drop it; train this model "
+            "without lightning-tokens' callbacks and CausalLMModule")
 
 
 class TokenLossDispatcher:
@@ -223,6 +370,7 @@ class TokenLossDispatcher:
         self.chunk_size = DEFAULT_CHUNK
         self._capture: Optional[HeadInputCapture] = None
         self._checking = False
+        self._checking_terms = False
         #: Set by callbacks for a training batch that is packed: its forwards must then carry its position ids.
         self.expect_packed = False
         self._segments: Optional[Tensor] = None
@@ -326,12 +474,17 @@ class TokenLossDispatcher:
         self._labels = kwargs.pop("labels")
         self._captured = {}
         self._active = True
+        # The first forward of a model also computes the model's own loss on one target (check_loss_terms).
+        self._checking_terms = module not in _terms_checked and self._labels.shape[-1] >= 2
         if not self.keep_logits:
             if self._capture is None:
                 self._capture = HeadInputCapture(module)
-            # The first lean forward of a model also projects its last position, to check the reproduction.
+            # The first lean forward of a model also projects its last position (two while its loss terms are
+            # checked), to check the reproduction.
             self._checking = not is_checked(module)
-            self._capture.start(keep_last=self._checking)
+            self._capture.start(keep_last=2 if self._checking_terms else int(self._checking))
+        if self._checking_terms:
+            kwargs["labels"] = probe_labels(self._labels, self._labels.shape[-1] if self.keep_logits else 2)
         return args, kwargs
 
     def _packing(self, kwargs: dict) -> Optional[Tensor]:
@@ -364,6 +517,11 @@ class TokenLossDispatcher:
         self._active = False
         labels, self._labels = self._labels, None
         segments, self._segments = self._segments, None
+        kwargs = {key: value for key, value in kwargs.items() if key != "labels"}  # the probe's, if any
+        model_terms = model_loss_terms(module, output)
+        if self._checking_terms:
+            check_loss_terms(module, output, model_terms, kwargs)
+            _terms_checked.add(module)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         attention_mask = kwargs.get("attention_mask")
         if segments is not None:
@@ -372,7 +530,8 @@ class TokenLossDispatcher:
         elif attention_mask is None:
             attention_mask = torch.ones_like(labels)
         common = dict(model=module, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                      captured=self._captured, call_kwargs=kwargs, chunk_size=self.chunk_size, segments=segments)
+                      captured=self._captured, call_kwargs=kwargs, chunk_size=self.chunk_size, segments=segments,
+                      model_terms=model_terms)
         if self._capture is not None and self._capture.active:
             hidden = self._capture.stop()
             if hidden is None or hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
@@ -381,13 +540,14 @@ class TokenLossDispatcher:
                     "state the lean loss reads; pass keep_logits=True to compute the loss from the full logits")
             projection = OutputProjection(module)
             if self._checking:
-                projection.check(hidden[:, -1:], output.logits)
+                projection.check(hidden[:, -output.logits.shape[1]:], output.logits)
             ctx = TokenLossContext(hidden=hidden, projection=projection, **common)
         else:
             ctx = TokenLossContext(logits=output.logits, **common)
         self._captured = {}
         self._busy = True
         try:
+            check_packed_forward(module, input_ids, kwargs)  # once per model: its own forwards pass untouched
             for handler in self.handlers:
                 handler.reshape_token_loss(ctx)
         finally:

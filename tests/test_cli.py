@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lightning_tokens.cli import build_cli
 from lightning_tokens.data.tokenizer import load_task_tokenizer
@@ -32,16 +32,20 @@ def offline_hub(monkeypatch, tmp_path):
     model.save_pretrained(local)
     tokenizer.save_pretrained(local)
     requested = []
-    original = AutoModelForCausalLM.from_pretrained.__func__
 
-    def from_pretrained(cls, name, *args, **kwargs):
-        if not Path(str(name)).exists():
-            requested.append(name)
-            name = local
-            kwargs.pop("trust_remote_code", None)
-        return original(cls, name, *args, **kwargs)
+    def stand_in(original):
+        def from_pretrained(cls, name, *args, **kwargs):
+            if not Path(str(name)).exists():
+                requested.append(name)
+                name = local
+                kwargs.pop("trust_remote_code", None)
+            return original(cls, name, *args, **kwargs)
 
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
+        return classmethod(from_pretrained)
+
+    # ModelSpec reads a hub model's config first when it is given an attn_implementation to check.
+    monkeypatch.setattr(AutoConfig, "from_pretrained", stand_in(AutoConfig.from_pretrained.__func__))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", stand_in(AutoModelForCausalLM.from_pretrained.__func__))
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(lambda cls, name, *a, **k: load_task_tokenizer()))
     return requested
 

@@ -1,7 +1,9 @@
-"""benchmarks/gpu_suite.sh runs where no session can try it (a GPU): its command lines must at least parse."""
+"""benchmarks/gpu_suite.sh runs where no session can try it (a GPU): its command lines must at least parse, and the
+CUDA checks it runs first (tests/gpu) must import and skip cleanly here."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -34,11 +36,24 @@ def suite_commands() -> list[tuple[int, list[str]]]:
 
 def test_every_benchmark_of_the_gpu_suite_accepts_its_arguments_and_the_limits_fit_9_minutes():
     commands = suite_commands()
-    # every `run` line was understood: eight benchmarks
-    assert len(commands) == sum(line.startswith("run ") for line in SUITE.read_text().splitlines()) == 8
-    assert sum(limit for limit, _ in commands) <= 9 * 60 - 20  # start-up and the CUDA check fit in the rest
-    for _, argv in commands:
+    # every `run` line was understood: the CUDA checks first, then eight benchmarks
+    assert len(commands) == sum(line.startswith("run ") for line in SUITE.read_text().splitlines()) == 9
+    assert commands[0][1][:3] == ["-m", "pytest", "tests/gpu"]
+    assert sum(limit for limit, _ in commands) <= 9 * 60 - 20  # start-up and the CUDA device check fit in the rest
+    for _, argv in commands[1:]:
         assert (ROOT / argv[0]).is_file(), argv[0]
         result = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv], cwd=ROOT, capture_output=True, text=True,
                                 env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
         assert result.returncode == 0 and f"parsed {argv[0]}" in result.stdout, (argv, result.stderr[-2000:])
+
+
+def test_the_cuda_checks_are_collected_and_skipped_without_cuda_saying_why():
+    env = {key: value for key, value in os.environ.items() if key != "LT_GPU_TESTS_ON_CPU"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", "tests/gpu"],
+                            cwd=ROOT, capture_output=True, text=True, env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    summary = result.stdout.strip().splitlines()[-1]
+    defined = re.findall(r"^def test_", (ROOT / "tests/gpu/test_cuda_equality.py").read_text(), re.M)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert re.fullmatch(r"\d+ skipped(, \d+ warnings?)? in .*", summary), summary
+    assert int(summary.split()[0]) >= len(defined) > 0  # every check (and its parameter cases) collected, none run
+    assert "no CUDA device (LT_GPU_TESTS_ON_CPU=1 runs it on the CPU)" in result.stdout

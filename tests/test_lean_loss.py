@@ -99,9 +99,9 @@ def test_loss_and_gradients_equal_those_of_full_logits(model_type, tie, side, re
         loss.backward()
         torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
         assert_same_gradients(gradients(model), expected_grads)
-    # Never a (B, T, V) projection: the first forward's head sees the last positions (B rows, checked against
-    # the reproduction, which projects them again), later ones no position at all.
-    assert max(head_rows) == ids.shape[0] and head_rows[-1] == 0
+    # Never a (B, T, V) projection: the first forward's head sees the last two positions (2B rows, checked against
+    # the reproduction, which projects them again, and scored by the model's own loss), later ones no position.
+    assert max(head_rows) == 2 * ids.shape[0] and head_rows[-1] == 0
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -349,7 +349,8 @@ def test_causal_lm_module_trains_without_full_logits_and_a_step_reading_them_fai
     module.setup("fit")
     for step in range(2):  # the first lean forward also checks the projection on the last positions
         torch.testing.assert_close(module.training_step(data, step).detach(), expected, rtol=0, atol=1e-5)
-    assert head_rows[-1] == 0 and max(head_rows[1:]) <= data["input_ids"].shape[0]
+    # the first lean forward projects the last two positions of each row (the loss-terms check), then none
+    assert head_rows[-1] == 0 and max(head_rows[1:]) <= 2 * data["input_ids"].shape[0]
     module.teardown("fit")
 
     class ReadsLogits(CausalLMModule):

@@ -5,15 +5,20 @@ from __future__ import annotations
 import copy
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from torch.utils.data import DataLoader
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
+from lightning_tokens.modeling import ModelSpec, causal_lm_of, decoder_layers, load_causal_lm
 from lightning_tokens.selection import TokenSelection
 from lightning_tokens.selection.scores import keep_count, minmax_per_sample, rank_correlation, select_top
 
+from architectures import spec_of
 from conftest import tiny_config
 
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
@@ -364,3 +369,97 @@ def test_gradient_checkpointing_keeps_the_same_selection_and_gradients_flow():
     torch.testing.assert_close(loss_a, loss_b)
     loss_b.backward()
     assert all(p.grad is not None for p in checkpointed.parameters() if p.requires_grad)
+
+
+# -- models whose attention the probe cannot recompute ---------------------------------------------------------------
+COUNTING = "lightning_tokens_test_counting_sdpa"
+_attention_calls: list = []
+
+
+def _counting_sdpa(module, *args, **kwargs):
+    _attention_calls.append(module)
+    return sdpa_attention_forward(module, *args, **kwargs)
+
+
+def last_attention_uses_the_interface(lm) -> bool:
+    """Whether the last decoder layer reaches transformers' attention interface when the whole model is switched to
+    a counting SDPA (the oracle: a full forward under another implementation, not the probe's per-module switch)."""
+    AttentionInterface.register(COUNTING, _counting_sdpa)
+    AttentionMaskInterface.register(COUNTING, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    previous, lm.config._attn_implementation = lm.config._attn_implementation, COUNTING
+    _attention_calls.clear()
+    try:
+        with torch.no_grad():
+            lm(input_ids=torch.arange(5, 11)[None])
+    finally:
+        lm.config._attn_implementation = previous
+    return any(module is called for module in decoder_layers(lm)[-1].modules() for called in _attention_calls)
+
+
+class StepCounter(pl.LightningModule):
+    """A user's module that counts the training steps it starts (before its forward, which may raise)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.steps = net, 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        return self.net(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("case,mode", [("falcon", "sstoken"), ("falcon", "attention"), ("falcon", "loss"),
+                                       ("gptj", "sstoken"), ("bloom", "attention"), ("bloom", "loss")])
+def test_a_model_the_attention_probe_cannot_reach_is_refused_in_setup(tmp_path, case, mode):
+    net = causal_lm_of(load_causal_lm(spec_of(case))[0])
+    module, before = StepCounter(net), copy.deepcopy(net.state_dict())
+    # falcon and gptj use their own attention code in transformers 5.23 and the interface in 5.25
+    refused = mode != "loss" and not last_attention_uses_the_interface(net)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[TokenSelection(mode=mode, ratio=0.5, warmup=0)])
+    batch = make_batch(net.config.vocab_size)
+    if refused:
+        model_type = spec_of(case).config["model_type"]
+        with pytest.raises(ValueError, match=f"on model type '{model_type}'.*mode='loss'"):
+            trainer.fit(module, DataLoader([batch], batch_size=None))
+        assert module.steps == 0  # refused before the first training step
+    else:
+        trainer.fit(module, DataLoader([batch], batch_size=None))
+        assert module.steps == 1
+        assert any(not torch.equal(p, before[name]) for name, p in net.state_dict().items())
+
+
+@pytest.mark.parametrize("case", ["falcon", "gptj", "bloom", "mpt"])
+def test_loss_mode_selects_by_excess_loss_on_any_attention(case):
+    model = causal_lm_of(load_causal_lm(spec_of(case))[0])
+    base = copy.deepcopy(model)
+    selection = TokenSelection(ratio=0.6, mode="loss")
+    selection.attach(model)  # the frozen copy is taken here, from the initial weights
+    selection.detach()
+    perturb(model)
+    batch = make_batch(model.config.vocab_size)
+    his, cur = naive_token_losses(base, batch), naive_token_losses(model, batch)
+    rel = [{i: h[i] - c[i] for i in h} for h, c in zip(his, cur)]
+    loss, kept = run_selection(selection, model, batch)
+    assert kept == naive_select(rel, [{i: 0.0 for i in r} for r in rel], 1.0, 0.6)
+    assert loss.item() == pytest.approx(naive_loss(model, batch, kept), rel=1e-5)
+
+
+def test_the_setup_probe_forward_leaves_a_users_4bit_model_unpacked(tmp_path):
+    """The probe's eval forward under no_grad runs before the dispatcher pins the 4-bit layers: it must pin them."""
+    import bitsandbytes as bnb
+
+    from lightning_tokens.quantization import bnb_config
+
+    config = tiny_config("llama", hidden_size=64, intermediate_size=128)  # sizes bitsandbytes would repack
+    load_causal_lm(ModelSpec(config=config))[0].save_pretrained(tmp_path)
+    own = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config("nf4", torch.float32),
+                                               device_map={"": "cpu"})
+    layers = [m for m in own.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(layer.support_avx512bf16_for_cpu for layer in layers)  # conftest: as on such a CPU
+    TokenSelection(mode="attention").attach(own)
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)

@@ -21,8 +21,9 @@ from lightning_tokens.thoughts import parallel
 from lightning_tokens.thoughts.attention import two_part_attention
 
 
-def dense_reference(query, text_key, text_value, allowed, keys, values, scaling):
-    """Softmax attention over every key at once, key/value heads repeated for the query heads."""
+def dense_reference(query, text_key, text_value, allowed, keys, values, scaling, softcap=None):
+    """Softmax attention over every key at once, key/value heads repeated for the query heads (scores soft-capped
+    as ``softcap * tanh(scores / softcap)`` before the mask where ``softcap`` is given)."""
     rows, heads, length, _ = query.shape
     n, groups = rows // text_key.shape[0], heads // text_key.shape[1]
 
@@ -34,8 +35,10 @@ def dense_reference(query, text_key, text_value, allowed, keys, values, scaling)
     all_values = torch.cat([expand(text_value, n)] + [expand(v, 1) for v in values], 2)
     eye = torch.eye(length, dtype=torch.bool).expand(rows, length, length)
     mask = torch.cat([allowed.repeat_interleave(n, 0)] + [eye] * len(keys), -1)[:, None]
-    scores = (query @ all_keys.transpose(-1, -2) * scaling).masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, -1) @ all_values
+    scores = query @ all_keys.transpose(-1, -2) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ all_values
 
 
 @pytest.mark.parametrize("chunk,fused", [(1, False), (3, False), (64, False), (64, True)])
@@ -76,22 +79,36 @@ def test_two_part_attention_keeps_the_dtype_and_needs_a_window():
 def cached_parallel_thoughts(lm, input_ids, attention_mask, start_embedding, end_embedding, forbidden_ids,
                              n_thoughts, thought_length, n_ahead_talk, temperature=1.0, pad_token_id=0,
                              generator=None, position_ids=None, think_at="all", candidates=None):
-    """The passes on one DynamicCache that grows by ``L`` keys per pass, with 4D masks ``[text | I | ... | I]``."""
+    """The passes on one DynamicCache that grows by ``L`` keys per pass, with 4D masks ``[text | I | ... | I]``; a
+    layer of sliding window ``W`` reads, from the query at pass ``k`` and position ``i`` (index ``i + k`` of the
+    sequence it stands for), the text keys ``j > i + k - W`` and the keys of passes ``p > k - W`` (one mask per
+    layer type where the model lists ``config.layer_types``)."""
     assert think_at == "all"  # every position thinks here
     backbone, head, embed = decoder_of(lm), lm.get_output_embeddings(), lm.get_input_embeddings()
     batch, length = input_ids.shape
     n = n_thoughts
     segments = None if position_ids is None else parallel.segment_ids(position_ids)
     positions = parallel.positions_of(attention_mask) if position_ids is None else position_ids
-    allowed = parallel.text_mask(attention_mask, parallel.sliding_window(lm, length), segments)
+    allowed = parallel.text_mask(attention_mask, segments=segments)
     embeds = embed(input_ids)
     dtype = embeds.dtype
     cache = DynamicCache()
+    kinds = getattr(lm.config.get_text_config(decoder=True), "layer_types", None)
+    windows = dict(zip(kinds or [None], parallel.layer_windows(lm)))
+    index = torch.arange(length)
 
-    def step(inputs, mask, position_ids):
-        additive = torch.where(mask, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)[:, None]
-        return backbone(inputs_embeds=inputs, attention_mask=additive, position_ids=position_ids, use_cache=True,
-                        **{cache_keyword(backbone): cache}).last_hidden_state
+    def step(inputs, mask, position_ids, pass_index=0):
+        def additive(window):
+            reach = mask
+            if window is not None:
+                parts = [index[:, None] + pass_index - index < window]
+                parts += [torch.full((length, length), pass_index - p < window) for p in range(1, pass_index + 1)]
+                reach = mask & torch.cat(parts, -1)
+            return torch.where(reach, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)[:, None]
+
+        masks = {kind: additive(window) for kind, window in windows.items()}
+        return backbone(inputs_embeds=inputs, attention_mask=masks if kinds else masks[None], position_ids=position_ids,
+                        use_cache=True, **{cache_keyword(backbone): cache}).last_hidden_state
 
     base_hidden = step(embeds, allowed, positions)
     cache.batch_repeat_interleave(n)
@@ -99,7 +116,7 @@ def cached_parallel_thoughts(lm, input_ids, attention_mask, start_embedding, end
     eye = torch.eye(length, dtype=torch.bool).expand(batch * n, length, length)
 
     def thought_step(inputs, pass_index):
-        return step(inputs, torch.cat([allowed, *([eye] * pass_index)], -1), positions + pass_index)
+        return step(inputs, torch.cat([allowed, *([eye] * pass_index)], -1), positions + pass_index, pass_index)
 
     rows, thought_hidden, tokens = batch * n, [], []
     inputs = start_embedding.to(dtype).expand(rows, length, -1)

@@ -22,8 +22,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.encode import encode_record, pad
-from lightning_tokens.data.module import EpochSeededSampler, ResumableDataLoader, check_length_and_split, epoch_progress
+from lightning_tokens.data.module import EpochSeededSampler, ResumableDataLoader, epoch_progress
 from lightning_tokens.data.packing import PackedCollator, PackedRows, uses_flash_attention
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, ReasoningTask
 from lightning_tokens.data.records import DataError, Record, check_record, from_dicts, read_file
@@ -177,7 +178,10 @@ class TraceDataModule(LightningDataModule):
                  batch_size: int = 8, eval_batch_size: Optional[int] = None, seed: int = 0, num_workers: int = 0,
                  packing: bool = False) -> None:
         super().__init__()
-        check_length_and_split("TraceDataModule", max_length, val_fraction)
+        check_numbers("TraceDataModule", max_length=(max_length, "an integer >= 2"),
+                      val_fraction=(val_fraction, "in [0, 1)"), batch_size=(batch_size, "an integer >= 1"),
+                      eval_batch_size=(eval_batch_size, "an integer >= 1 or None"), seed=(seed, "an integer"),
+                      num_workers=(num_workers, "an integer >= 0"))
         self.save_hyperparameters()
         self.train_file, self.val_file = train_file, val_file
         self.task = task if task is not None else ReasoningTask(style="mixed")

@@ -19,7 +19,9 @@ from lightning_tokens.budget.data import think_token_id
 from lightning_tokens.budget.gamma import decoded_mode, encode_length, gamma_cdf
 from lightning_tokens.budget.predictor import BudgetPredictor
 from lightning_tokens.budget.tracking import ThinkingTracker, budget_list, per_row
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START
+from lightning_tokens.modeling import inference_kwargs
 
 
 def newline_mask(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> torch.Tensor:
@@ -75,6 +77,10 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
         with BudgetGuidanceLogitsProcessor(model, predictor, tokenizer, budgets=[64, 256]) as guide:
             out = model.generate(input_ids, attention_mask=mask, logits_processor=[guide])
 
+    A mixture-of-experts model whose config sets ``output_router_logits`` needs ``output_router_logits=False`` in
+    that call (``**inference_kwargs(model)``, from :mod:`lightning_tokens.modeling`): transformers' ``generate``
+    fails on a padded batch otherwise.
+
     Args:
         model: The causal LM that generates (any wrapper; quantized is fine).
         predictor: The trained predictor for that LM.
@@ -97,8 +103,9 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
                  min_rate: float = 10.0, min_shape: float = 1.0, min_mode: float = 0.9) -> None:
         if steps not in ("newline", "every"):
             raise ValueError(f"BudgetGuidanceLogitsProcessor.steps must be 'newline' or 'every', got {steps!r}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"BudgetGuidanceLogitsProcessor.top_k must be >= 1 or None, got {top_k}")
+        check_numbers("BudgetGuidanceLogitsProcessor", top_k=(top_k, "an integer >= 1 or None"),
+                      min_rate=(min_rate, "a number"), min_shape=(min_shape, "a number"),
+                      min_mode=(min_mode, "a number"))
         self.budgets = budget_list(budgets, "BudgetGuidanceLogitsProcessor.budgets")
         self.predictor = predictor.eval()
         self.steps, self.top_k = steps, top_k
@@ -243,11 +250,13 @@ def estimate_thinking_length(model: nn.Module, predictor: BudgetPredictor, input
     Returns:
         ``(B,)`` float tensor of predicted thinking lengths.
     """
+    check_numbers("estimate_thinking_length", top_k=(top_k, "an integer >= 1"))
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     predictor = predictor.eval()
     with HiddenStateCapture(model, last_only=True) as capture:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1).logits[:, -1]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
+                       **inference_kwargs(model)).logits[:, -1]
         states = capture.states
     probs, candidates = torch.softmax(logits.float(), -1).topk(min(top_k, logits.shape[-1]), dim=-1)
     alpha, rate = predictor(states, candidates)

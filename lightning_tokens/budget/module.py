@@ -11,18 +11,20 @@ from torchmetrics import MeanMetric
 from lightning_tokens.budget.capture import HiddenStateCapture
 from lightning_tokens.budget.gamma import decoded_mode, encode_length, gamma_cdf, gamma_nll
 from lightning_tokens.budget.predictor import BudgetPredictor
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.packing import FLASH_KEYS, batch_samples
 from lightning_tokens.modeling import ModelSpec, decoder_of, load_frozen_causal_lm
-from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
+from lightning_tokens.optim import OptimizerConfig, ResumesExactly, configure, parameter_groups
 from lightning_tokens.sharding import data_parallel_mesh, full_state_dict, shard_modules, warn_if_fsdp1
 
 
-class BudgetPredictorModule(LightningModule):
+class BudgetPredictorModule(ResumesExactly, LightningModule):
     """Train a :class:`BudgetPredictor` on a frozen LM: Gamma NLL of ``y = log(L + 1)`` at the realised next token.
 
     The LM runs under ``no_grad`` in eval mode (it may be 4/8-bit quantized) and is left out of checkpoints;
     its hidden states are read with hooks from the decoder stack alone (no LM head, no logits). Batches come
-    from :class:`TraceDataModule` (``input_ids``, ``attention_mask``, ``remaining``).
+    from :class:`TraceDataModule` (``input_ids``, ``attention_mask``, ``remaining``). A run resumed from a
+    checkpoint, mid-epoch too, continues as the uninterrupted run (:class:`~lightning_tokens.optim.ResumesExactly`).
 
     Logged: ``train/loss``, ``val/loss`` (Gamma NLL per supervised position), ``val/abs_error`` (absolute
     error in tokens of the decoded length ``exp(mode) - 1``), ``val/within_window`` (share of positions with
@@ -42,8 +44,7 @@ class BudgetPredictorModule(LightningModule):
                  optimizer: Optional[OptimizerConfig] = None, window: int = 10,
                  predictor_path: Optional[str] = None) -> None:
         super().__init__()
-        if window < 0:
-            raise ValueError(f"BudgetPredictorModule.window must be >= 0, got {window}")
+        check_numbers("BudgetPredictorModule", window=(window, "an integer >= 0"))
         self.save_hyperparameters()
         self.spec = model if model is not None else ModelSpec()
         self.optim = optimizer if optimizer is not None else OptimizerConfig(lr=1e-4, warmup=0.05, schedule="constant")
@@ -120,9 +121,10 @@ class BudgetPredictorModule(LightningModule):
 
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.predictor.named_parameters(), self.optim.weight_decay)
-        return configure(self.optim, groups, int(self.trainer.estimated_stepping_batches))
+        return configure(self.optim, groups, self.total_training_steps())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
 
     def on_train_end(self) -> None:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_tokens.checks import check_numbers
+
 Body = Literal["transformer", "mlp", "bert"]
 
 #: BERT-base sizes, the reference's predictor body (randomly initialised, encoder only).
@@ -61,9 +63,10 @@ class PredictorConfig:
     layer_positions: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_states", "vocab_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"PredictorConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        check_numbers("PredictorConfig", hidden_size=(self.hidden_size, "an integer >= 1"),
+                      num_states=(self.num_states, "an integer >= 1"), vocab_size=(self.vocab_size, "an integer >= 1"),
+                      d_model=(self.d_model, "an integer >= 1 or None"), depth=(self.depth, "an integer >= 1 or None"),
+                      heads=(self.heads, "an integer >= 1 or None"), dropout=(self.dropout, "in [0, 1) or None"))
         if self.body not in ("transformer", "mlp", "bert"):
             raise ValueError(f"PredictorConfig.body must be 'transformer', 'mlp' or 'bert', got {self.body!r}")
         bert = self.body == "bert"
@@ -81,8 +84,6 @@ class PredictorConfig:
             self.layer_positions = not bert
         if self.body != "mlp" and self.d_model % self.heads:
             raise ValueError(f"PredictorConfig.d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
-        if self.depth < 1:
-            raise ValueError(f"PredictorConfig.depth must be >= 1, got {self.depth}")
 
 
 # Module checkpoints keep the config in their hyperparameters; allow torch.load(weights_only=True) to read it.

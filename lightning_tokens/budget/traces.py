@@ -16,7 +16,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_tokens.budget.data import think_token_id, write_jsonl
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, check_answer, thinking_length
+from lightning_tokens.modeling import inference_kwargs
 
 
 @torch.no_grad()
@@ -27,7 +29,7 @@ def collect_traces(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     """Generate one trace per prompt with ``model``.
 
     Args:
-        model: The frozen causal LM.
+        model: The frozen causal LM (a mixture-of-experts one generates without router logits).
         tokenizer: Its tokenizer (prompts are encoded with its special tokens, e.g. bos).
         prompts: Prompt texts, or records with a ``"prompt"`` (other fields such as ``"answer"`` are kept).
         path: Write the records here as JSONL. Default ``None``.
@@ -43,8 +45,8 @@ def collect_traces(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
         Records with ``prompt``, ``completion``, ``finished`` (a ``</think>`` was generated),
         ``thinking_length`` and, when the prompt record had an ``answer``, ``correct``.
     """
-    if batch_size < 1:
-        raise ValueError(f"collect_traces: batch_size must be >= 1, got {batch_size}")
+    check_numbers("collect_traces", max_new_tokens=(max_new_tokens, "an integer >= 1"),
+                  batch_size=(batch_size, "an integer >= 1"), temperature=(temperature, "> 0"))
     records = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
     start_id = think_token_id(tokenizer, think_start, "think_start") if think_start else None
     end_id = think_token_id(tokenizer, think_end, "think_end")
@@ -56,9 +58,10 @@ def collect_traces(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
         for first in range(0, len(records), batch_size):
             chunk = records[first: first + batch_size]
             enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True).to(model.device)
+            more = {**inference_kwargs(model), **generate_kwargs}
             generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                       temperature=temperature if do_sample else None, pad_token_id=tokenizer.pad_token_id,
-                                       eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
+                                       temperature=temperature if do_sample else None,
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **more)
             for record, ids in zip(chunk, generated[:, enc["input_ids"].shape[1]:].tolist()):
                 if tokenizer.eos_token_id in ids:
                     ids = ids[: ids.index(tokenizer.eos_token_id)]

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from transformers import PreTrainedTokenizerBase
 
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.encode import (
     Encoded,
     SFTCollator,
@@ -109,14 +110,6 @@ def epoch_progress(trainer: Any) -> Optional[Callable[[], tuple[int, int]]]:
     return lambda: (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
 
-def check_length_and_split(owner: str, max_length: int, val_fraction: float) -> None:
-    """One clear error for a ``max_length`` below 2 or a ``val_fraction`` outside [0, 1) of data module ``owner``."""
-    if max_length < 2:
-        raise ValueError(f"{owner}.max_length must be at least 2, got {max_length}")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"{owner}.val_fraction must be in [0, 1), got {val_fraction}")
-
-
 class SFTDataModule(LightningDataModule):
     """Supervised fine-tuning data with completion-only labels.
 
@@ -199,7 +192,12 @@ class SFTDataModule(LightningDataModule):
         if packing and padding_free:
             raise ValueError("SFTDataModule: packing and padding_free exclude each other; packing=True packs whole "
                              "rows of samples per batch, padding_free=True keeps batch_size samples per batch")
-        check_length_and_split("SFTDataModule", max_length, val_fraction)
+        check_numbers("SFTDataModule", max_length=(max_length, "an integer >= 2"),
+                      val_fraction=(val_fraction, "in [0, 1)"), seed=(seed, "an integer"),
+                      batch_size=(batch_size, "an integer >= 1"),
+                      eval_batch_size=(eval_batch_size, "an integer >= 1 or None"),
+                      num_workers=(num_workers, "an integer >= 0"),
+                      pad_to_multiple_of=(pad_to_multiple_of, "an integer >= 1"))
         self.save_hyperparameters()
         self.train_file, self.val_file = train_file, val_file
         self.dataset, self.dataset_config = dataset, dataset_config

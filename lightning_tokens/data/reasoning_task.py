@@ -32,6 +32,8 @@ from itertools import accumulate
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from lightning_tokens.checks import check_numbers
+
 THINK_START = "<think>"
 THINK_END = "</think>"
 
@@ -484,27 +486,18 @@ class ReasoningTask:
             value = getattr(self, field)
             raise ValueError(f"ReasoningTask.{field} must be {rule}, got {value!r}")
 
-        for field in ("num_train", "num_val", "seed", "min_digits", "max_digits",
-                      "min_operands", "max_operands"):
-            if not isinstance(getattr(self, field), int) or isinstance(getattr(self, field), bool):
-                fail(field, "an integer")
-        for field in ("num_train", "num_val"):
-            if getattr(self, field) < 0:
-                fail(field, ">= 0")
-        if self.min_digits < 1:
-            fail("min_digits", ">= 1")
+        check_numbers("ReasoningTask", num_train=(self.num_train, "an integer >= 0"),
+                      num_val=(self.num_val, "an integer >= 0"), seed=(self.seed, "an integer"),
+                      min_digits=(self.min_digits, "an integer >= 1"), max_digits=(self.max_digits, "an integer"),
+                      min_operands=(self.min_operands, "an integer >= 2"),
+                      max_operands=(self.max_operands, "an integer"), noise=(self.noise, "in [0, 1)"),
+                      noisy_fraction=(self.noisy_fraction, "in [0, 1]"))
         if self.max_digits < self.min_digits:
             fail("max_digits", f">= min_digits ({self.min_digits})")
-        if self.min_operands < 2:
-            fail("min_operands", ">= 2")
         if self.max_operands < self.min_operands:
             fail("max_operands", f">= min_operands ({self.min_operands})")
         if self.style not in STYLES:
             fail("style", f"one of {', '.join(STYLES)}")
-        if not isinstance(self.noise, (int, float)) or not 0.0 <= self.noise < 1.0:
-            fail("noise", "in [0, 1)")
-        if not isinstance(self.noisy_fraction, (int, float)) or not 0.0 <= self.noisy_fraction <= 1.0:
-            fail("noisy_fraction", "in [0, 1]")
 
     @classmethod
     def preset(cls, name: str, **overrides: object) -> "ReasoningTask":

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.heads.heads import WEIGHTS_NAME, Architecture, MultiTokenHeads, Trunk
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.heads.schedule import parse_schedule, schedule_value
@@ -36,7 +37,9 @@ class ConceptAwareFineTuning(TokenLossCallback):
 
     Add it to the Trainer of an existing loop whose ``training_step`` calls a Hugging Face causal LM with
     ``labels`` and returns ``outputs.loss``; nothing else changes. Validation losses stay the plain
-    next-token loss.
+    next-token loss. For a mixture-of-experts model run with ``output_router_logits``, ``CE_0`` comes with the
+    model's router load-balancing term, as transformers adds it; the heads' own routers (a ``"layer"`` head copies
+    a decoder layer, MoE block included) get no such term.
 
     Logged every step: ``train/caft_loss`` (the weighted auxiliary term), ``train/caft_schedule`` (s(p)),
     and per head ``train/caft_head{k}_loss`` and ``train/caft_head{k}_acc`` (top-1 accuracy).
@@ -86,12 +89,9 @@ class ConceptAwareFineTuning(TokenLossCallback):
         keep_logits: bool = False,
     ) -> None:
         super().__init__(model_attribute, keep_logits)
-        if beta < 0:
-            raise ValueError(f"ConceptAwareFineTuning.beta must be >= 0, got {beta}")
-        if not 0 < gamma <= 1:
-            raise ValueError(f"ConceptAwareFineTuning.gamma must be in (0, 1], got {gamma}")
-        if chunk_size < 1:
-            raise ValueError(f"ConceptAwareFineTuning.chunk_size must be positive, got {chunk_size}")
+        check_numbers("ConceptAwareFineTuning", num_heads=(num_heads, "an integer >= 1 or None"), beta=(beta, ">= 0"),
+                      gamma=(gamma, "in (0, 1]"), sine_ratio=(sine_ratio, "in (0, 1]"),
+                      chunk_size=(chunk_size, "an integer >= 1"))
         self.schedule, self.sine_ratio = parse_schedule(schedule, sine_ratio)
         self.heads_path, self.num_heads, self.architecture = heads_path, num_heads, architecture
         self.beta, self.gamma = beta, gamma

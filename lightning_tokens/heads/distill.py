@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.encode import prompt_ids
-from lightning_tokens.modeling import causal_lm_of
+from lightning_tokens.modeling import causal_lm_of, inference_kwargs
 
 
 @torch.no_grad()
@@ -42,6 +43,9 @@ def self_distill(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
         The path written. Completions that reach ``max_new_tokens`` without eos are kept as they are; empty
         ones are left out (all empty raises ``ValueError``).
     """
+    check_numbers("self_distill", max_new_tokens=(max_new_tokens, "an integer >= 1"),
+                  batch_size=(batch_size, "an integer >= 1"), temperature=(temperature, "> 0"),
+                  seed=(seed, "an integer or None"))
     prompts = list(prompts)
     if not prompts:
         raise ValueError("self_distill: no prompts given")
@@ -69,7 +73,7 @@ def self_distill(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
                     input_ids[row, width - len(ids):] = torch.tensor(ids)
                     attention_mask[row, width - len(ids):] = 1
                 options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id)
+                               eos_token_id=tokenizer.eos_token_id, **inference_kwargs(model))
                 if do_sample:
                     options["temperature"] = temperature
                 output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

@@ -16,6 +16,7 @@ they are causal whatever attention implementation the model uses.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -28,8 +29,9 @@ from typing import Any, Iterator, Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.lean_loss import OutputProjection
-from lightning_tokens.modeling import cache_keyword, causal_lm_of, decoder_layers
+from lightning_tokens.modeling import CACHE_KEYWORDS, cache_keyword, causal_lm_of, decoder_layers, decoder_of
 
 Architecture = Literal["layer", "resblock", "mtp"]
 WEIGHTS_NAME = "heads.safetensors"
@@ -170,6 +172,57 @@ def causal_additive_mask(attention_mask: Optional[Tensor], query_length: int, pa
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+#: Arguments of a decoder layer's forward that :meth:`MultiTokenHeads.head_states` fills itself.
+_GIVEN_ARGUMENTS = frozenset({"attention_mask", "position_embeddings", "position_ids", "use_cache", *CACHE_KEYWORDS})
+
+
+def unused_layer_arguments(model: nn.Module, layer: nn.Module) -> tuple[str, ...]:
+    """The arguments ``layer``'s forward requires that layer heads do not give, each checked to be ``None`` in the
+    model's own call of ``layer`` (Falcon's ``alibi`` without ALiBi); heads pass them as ``None``.
+
+    One forward of two tokens, under ``no_grad``, records the model's own call of ``layer``.
+
+    Raises:
+        ValueError: The model gives ``layer`` a position bias, as such an argument (Falcon's ALiBi on transformers
+            5.23) or added to its attention mask (Falcon's ALiBi on later versions): a head, run with its own mask,
+            would leave it out. Names the model type and the argument.
+    """
+    parameters = list(inspect.signature(type(layer).forward).parameters.values())[2:]  # self, hidden_states
+    required = tuple(p.name for p in parameters if p.default is p.empty and p.name not in _GIVEN_ARGUMENTS
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    base = causal_lm_of(model)
+    calls: list[inspect.BoundArguments] = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append(inspect.signature(module.forward).bind_partial(*args, **kwargs))
+
+    handle = layer.register_forward_pre_hook(record, with_kwargs=True)
+    device = base.get_input_embeddings().weight.device
+    try:
+        with torch.no_grad():
+            decoder_of(base)(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        handle.remove()
+    given = calls[0].arguments if calls else {}
+    biased = [name for name in required if given.get(name) is not None]
+    if _is_biased_mask(given.get("attention_mask")):
+        biased.append("attention_mask")
+    if biased:
+        model_type = getattr(base.config, "model_type", type(base).__name__)
+        raise ValueError(f"MultiTokenHeads: the decoder layers of model type {model_type!r} take {biased[0]!r} with a "
+                         "position bias from the model (ALiBi), which a layer head run with its own mask would leave "
+                         "out; use architecture='resblock'")
+    return required
+
+
+def _is_biased_mask(mask: Any) -> bool:
+    """Whether an additive attention mask holds anything but 0 and large negatives (a position bias added to it)."""
+    if not isinstance(mask, Tensor) or not mask.is_floating_point():
+        return False
+    hidden = mask <= torch.finfo(mask.dtype).min / 2
+    return bool((mask.masked_fill(hidden, 0) != 0).any())
+
+
 def _source_weight(module: nn.Module) -> Tensor:
     """A linear module's weight in full precision, through PEFT wrappers and bitsandbytes quantization."""
     module = getattr(module, "base_layer", module)
@@ -218,8 +271,7 @@ class MultiTokenHeads(nn.Module):
     def __init__(self, model: nn.Module, num_heads: int = 4, architecture: Architecture = "layer",
                  separate_unembedding: bool = False, init_from_model: bool = True) -> None:
         super().__init__()
-        if not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"MultiTokenHeads.num_heads must be a positive integer, got {num_heads!r}")
+        check_numbers("MultiTokenHeads", num_heads=(num_heads, "an integer >= 1"))
         if architecture not in ("layer", "resblock", "mtp"):
             raise ValueError(f"MultiTokenHeads.architecture must be 'layer', 'resblock' or 'mtp', got {architecture!r}")
         if architecture == "mtp" and separate_unembedding:
@@ -235,6 +287,8 @@ class MultiTokenHeads(nn.Module):
         self.layer_index = len(decoder_layers(base)) - 1
         #: The norm all MTP depths end with in some layouts (Inkling's ``chain_norm``); ``None`` for other heads.
         self.shared_post_norm: Optional[nn.Module] = None
+        #: Arguments the last layer's forward requires beyond those head_states gives: ``None`` in the model's calls.
+        self.unused_arguments = unused_layer_arguments(base, last) if architecture == "layer" else ()
         if architecture == "mtp":
             from lightning_tokens.heads.mtp import build_mtp_layers
 
@@ -338,7 +392,8 @@ class MultiTokenHeads(nn.Module):
         batch, length = hidden.shape[:2]
         mask = additive_mask if additive_mask is not None else causal_additive_mask(
             attention_mask, length, past_length, dtype, hidden.device, batch, segments)
-        kwargs: dict[str, Any] = {"attention_mask": mask, cache_keyword(block): cache, "use_cache": cache is not None}
+        kwargs: dict[str, Any] = {"attention_mask": mask, cache_keyword(block): cache, "use_cache": cache is not None,
+                                  **dict.fromkeys(self.unused_arguments)}
         if trunk.position_embeddings is not None:
             kwargs["position_embeddings"] = tuple(p.to(dtype) for p in trunk.position_embeddings)
         if trunk.position_ids is not None:

@@ -9,11 +9,12 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
-from lightning_tokens.data.packing import batch_samples, model_inputs
+from lightning_tokens.checks import check_numbers
+from lightning_tokens.data.packing import batch_samples, check_packed_forward, model_inputs
 from lightning_tokens.heads.heads import Architecture, MultiTokenHeads, capture_trunk
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
-from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
+from lightning_tokens.optim import OptimizerConfig, ResumesExactly, configure, parameter_groups
 from lightning_tokens.sharding import (ClipsMixedGradients, average_gradients, data_parallel_mesh, full_state_dict,
                                        shard_modules, warn_if_fsdp1)
 
@@ -23,11 +24,13 @@ def stage1_optimizer() -> OptimizerConfig:
     return OptimizerConfig(name="adamw8bit", lr=1e-4, warmup=300, schedule="cosine")
 
 
-class MultiTokenHeadsModule(ClipsMixedGradients, LightningModule):
+class MultiTokenHeadsModule(ResumesExactly, ClipsMixedGradients, LightningModule):
     """Train :class:`MultiTokenHeads` on a frozen causal LM with ``sum_k gamma^k CE_k`` (main head excluded).
 
     The base model, its final norm and ``lm_head`` stay frozen and in eval mode (bit-identical after
-    training); only the heads train. Checkpoints hold the heads alone (the base is reloaded from ``model``).
+    training); only the heads train. Checkpoints hold the heads alone (the base is reloaded from ``model``); a
+    run resumed from one, mid-epoch too, continues as the uninterrupted run
+    (:class:`~lightning_tokens.optim.ResumesExactly`).
     The heads are written to ``heads_path`` at the end of ``fit`` and can be written any time with
     :meth:`save_heads`. Batches are those of :class:`~lightning_tokens.SFTDataModule` (``input_ids``,
     ``attention_mask``, ``labels``); for the paper's self-distilled data, write the base model's own answers
@@ -63,8 +66,8 @@ class MultiTokenHeadsModule(ClipsMixedGradients, LightningModule):
         chunk_size: int = 1024,
     ) -> None:
         super().__init__()
-        if not 0 < gamma <= 1:
-            raise ValueError(f"MultiTokenHeadsModule.gamma must be in (0, 1], got {gamma}")
+        check_numbers("MultiTokenHeadsModule", num_heads=(num_heads, "an integer >= 1"), gamma=(gamma, "in (0, 1]"),
+                      chunk_size=(chunk_size, "an integer >= 1"))
         self.spec = model if model is not None else ModelSpec()
         if self.spec.quantization is not None:
             raise ValueError("MultiTokenHeadsModule.model.quantization: stage 1 needs an unquantized base")
@@ -87,6 +90,7 @@ class MultiTokenHeadsModule(ClipsMixedGradients, LightningModule):
 
     def _losses(self, batch: dict):
         base = causal_lm_of(self.model)
+        check_packed_forward(base, batch["input_ids"], model_inputs(batch, labels=False))  # once per model
         with torch.no_grad(), capture_trunk(base, final=self.heads.architecture == "mtp") as holder:
             base.base_model(**{**model_inputs(batch, labels=False), "use_cache": False})
         trunk = holder["trunk"].detach()
@@ -132,9 +136,10 @@ class MultiTokenHeadsModule(ClipsMixedGradients, LightningModule):
 
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.heads.named_parameters(), self.optim.weight_decay)
-        return configure(self.optim, groups, int(self.trainer.estimated_stepping_batches))
+        return configure(self.optim, groups, self.total_training_steps())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
 
     def on_fit_end(self) -> None:

@@ -16,6 +16,12 @@ drafts alone. Rows that finish (eos or ``max_new_tokens``) ride along with fully
 row finishes, and are padded with ``pad_token_id`` in the output, as ``generate`` does. Layer heads keep
 their own small caches with the same slots and mask as the model's; resblock heads need none.
 
+Sliding-window layers (Gemma 2 and 3, Mistral, Cohere 2, ...): transformers applies the window to slot distances and
+its sliding cache layers cannot be cropped once the window is reached. Here the cache keeps every slot (as for full
+attention) and the masks apply the window to each row's positions, since a row's masked slots make its slot
+distances longer than its position distances. A mixture-of-experts model runs without router logits (its router
+loss is a training term).
+
 Tested with eager and SDPA attention.
 """
 
@@ -27,8 +33,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.heads.heads import MultiTokenHeads, Trunk, capture_trunk, causal_additive_mask
-from lightning_tokens.modeling import cache_keyword, causal_lm_of
+from lightning_tokens.modeling import cache_keyword, causal_lm_of, inference_kwargs
 
 
 @dataclass
@@ -120,6 +127,47 @@ def _accepted(proposal: list[int], choices: list[int], eos: set[int]) -> tuple[i
     return kept, new
 
 
+def _sliding_window(base: nn.Module) -> Optional[int]:
+    """The window of ``base``'s sliding-window attention layers, or ``None`` when none of its layers slides."""
+    from transformers import DynamicCache
+
+    if not any(DynamicCache(config=base.config).is_sliding):
+        return None
+    config = base.config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    types = set(getattr(config, "layer_types", None) or ())
+    if not types:  # all layers alike; the cache reads sliding_window first, then attention_chunk_size
+        types = {"sliding_attention" if window is not None else "chunked_attention"}
+    if not types <= {"full_attention", "sliding_attention"}:
+        raise ValueError(f"generate_with_heads supports full and sliding-window attention layers only; "
+                         f"{type(base).__name__} has layer types {sorted(types)} with sliding_window {window}")
+    return window
+
+
+def _position_masks(base: nn.Module, window: int, slot_mask: Tensor, slot_positions: Tensor, cache,
+                    width: int) -> Tensor | dict[str, Tensor]:
+    """Attention masks of a forward of ``width`` new slots, the sliding window applied to each row's positions.
+
+    Built by transformers (in the form the attention implementation takes): causal over the unmasked slots, and
+    for sliding layers ``slot_positions`` (``(B, past + width)``, masked slots' arbitrary) within the window. A
+    model with ``layer_types`` takes one mask per layer type, one without (every layer slides) a single mask.
+    """
+    from transformers.masking_utils import create_causal_mask, sliding_window_overlay
+
+    config = base.config.get_text_config(decoder=True)
+    dtype = base.get_input_embeddings().weight.dtype
+    embeds = slot_positions.new_empty((slot_mask.shape[0], width, 0), dtype=dtype)  # read for its shape only
+    in_window = sliding_window_overlay(window)
+
+    def by_position(batch_idx, head_idx, q_idx, kv_idx):
+        return in_window(batch_idx, head_idx, slot_positions[batch_idx, q_idx], slot_positions[batch_idx, kv_idx])
+
+    sliding = create_causal_mask(config, embeds, slot_mask, cache, None, and_mask_function=by_position)
+    if getattr(config, "layer_types", None) is None:
+        return sliding
+    return {"full_attention": create_causal_mask(config, embeds, slot_mask, cache, None), "sliding_attention": sliding}
+
+
 @torch.no_grad()
 def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Tensor,
                         attention_mask: Optional[Tensor] = None, max_new_tokens: int = 256,
@@ -147,13 +195,17 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
         tokens, ``n`` the longest row's count; and :class:`SpeculativeStats`, overall and per row.
 
     Raises:
-        ValueError: ``input_ids`` is not 2-D, a prompt is empty or right-padded, or ``max_new_tokens`` or
-            ``num_draft`` is out of range.
+        ValueError: ``input_ids`` is not 2-D, a prompt is empty or right-padded, ``max_new_tokens`` or
+            ``num_draft`` is out of range, or the model has attention layers other than full and sliding-window
+            ones (chunked attention, say).
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"generate_with_heads: input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate_with_heads: max_new_tokens must be positive, got {max_new_tokens}")
+    check_numbers("generate_with_heads", max_new_tokens=(max_new_tokens, "an integer >= 1"),
+                  num_draft=(num_draft, "an integer >= 1 or None"),
+                  pad_token_id=(pad_token_id, "an integer >= 0 or None"))
+    for eos in eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]:
+        check_numbers("generate_with_heads", eos_token_id=(eos, "an integer >= 0 or None"))
     num_draft = heads.num_heads if num_draft is None else num_draft
     if not 1 <= num_draft <= heads.num_heads:
         raise ValueError(f"generate_with_heads: num_draft must be in 1..{heads.num_heads}, got {num_draft}")
@@ -176,7 +228,10 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
     model.eval()
     heads.eval()
     stats = SpeculativeStats(row_drafted=[0] * batch, row_accepted=[0] * batch, row_forwards=[1] * batch)
-    cache = DynamicCache(config=base.config)
+    window = _sliding_window(base)
+    # with sliding layers, a cache that keeps every slot: crop needs them, and the masks apply the window
+    cache = DynamicCache(config=base.config) if window is None else DynamicCache()
+    options = inference_kwargs(base)
     mtp = heads.architecture == "mtp"
     if mtp:
         from lightning_tokens.heads.mtp_drafter import MtpDrafter
@@ -189,9 +244,13 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
     try:
         # positions as generate gives them: real tokens count from 0, padding sits at 1
         positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+        slot_positions = positions
+        attention = mask
+        if window is not None:
+            attention = _position_masks(base, window, mask, positions, cache, positions.shape[1])
         with capture_trunk(base, final=mtp) as holder:
-            logits = base(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                          **{keyword: cache}).logits
+            logits = base(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                          **{keyword: cache}, **options).logits
         stats.forwards += 1
         generated = [[token] for token in logits[:, -1].argmax(-1).tolist()]
         active = [max_new_tokens > 1 and row[-1] not in eos for row in generated]
@@ -211,9 +270,13 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
             # a finished row's slots are all masked; an active row sees all of its candidate while verifying
             live = torch.tensor(active, device=device)[:, None].long().expand(batch, width)
             past = cache.get_seq_length()
+            attention = torch.cat([slot_mask, live], 1)
+            slot_positions = torch.cat([slot_positions, positions], 1)
+            if window is not None:
+                attention = _position_masks(base, window, attention, slot_positions, cache, width)
             with capture_trunk(base, final=mtp) as holder:
-                logits = base(input_ids=candidate, attention_mask=torch.cat([slot_mask, live], 1),
-                              position_ids=positions, use_cache=True, **{keyword: cache}).logits
+                logits = base(input_ids=candidate, attention_mask=attention, position_ids=positions, use_cache=True,
+                              **{keyword: cache}, **options).logits
                 stats.forwards += 1
                 choices = logits.argmax(-1).tolist()
                 kept = [0] * batch
@@ -229,6 +292,7 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
                 extra = cache.get_seq_length() - (past + used)
                 if extra > 0:
                     cache.crop(-extra)  # a negative count removes that many positions (transformers 4.x and 5.x)
+                slot_positions = slot_positions[:, : past + used]
                 # a row keeps its next token's slot and its accepted drafts; rejected drafts stay masked
                 kept_slots = torch.arange(used, device=device)[None] <= torch.tensor(kept, device=device)[:, None]
                 slot_mask = torch.cat([slot_mask, (kept_slots & live[:, :used].bool()).long()], 1)

@@ -7,6 +7,11 @@ probe receives the module's own query and key states (projections, rotary embedd
 already applied, so any architecture using the interface works) and stops the module there: no value
 product, no output projection. The score is then computed from them with an explicit causal + padding
 mask and a float32 softmax (one fused attention call whose values are the context indicator).
+
+A model whose attention skips that interface (its own eager code, as Falcon's and GPT-J's in transformers 5.23 but
+not 5.25, or no transformers config at all, as Bloom's and MPT's) is refused before training
+(:meth:`AttentionProbe.check`): a forward of two tokens, stopped at the probed module, then the probe on the inputs
+it captured.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface, Cache
 
-from lightning_tokens.modeling import decoder_layers
+from lightning_tokens.modeling import causal_lm_of, decoder_layers, decoder_of
+from lightning_tokens.quantization import keep_4bit_weights_unpacked
+from lightning_tokens.selection.history import eval_mode
 
 PROBE_NAME = "lightning_tokens_probe"
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -35,6 +42,14 @@ class _Probed(Exception):
     def __init__(self, query: Tensor, key: Tensor, scaling: Optional[float], softcap: Optional[float]) -> None:
         super().__init__()
         self.query, self.key, self.scaling, self.softcap = query, key, scaling, softcap
+
+
+class _Captured(Exception):
+    """Carries the inputs of the probed attention module out of a model forward (and stops that forward)."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
 
 
 def _probe(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
@@ -132,15 +147,12 @@ def _probing(module: nn.Module) -> Iterator[None]:
     probed = copy.copy(config)
     # Set the private field directly: the public setter would recurse into sub-configs shared with ``config``.
     probed._attn_implementation_internal = PROBE_NAME
-    modes = [(m, m.training) for m in module.modules()]
     module.config = probed
-    module.eval()
     try:
-        yield
+        with eval_mode(module):
+            yield
     finally:
         module.config = config
-        for m, mode in modes:
-            m.training = mode
 
 
 @contextlib.contextmanager
@@ -175,10 +187,73 @@ class AttentionProbe:
         self.layer = layer % len(layers)
         self.decoder_layer = layers[self.layer]
         self.module = attention_module(self.decoder_layer)
+        self.model_type = getattr(causal_lm_of(model).config, "model_type", type(causal_lm_of(model)).__name__)
         if not hasattr(self.module, "config"):
-            raise ValueError(f"{field}={layer}: {type(self.module).__name__} has no transformers config; "
-                             "the probe needs a module that uses transformers' attention interface")
+            raise self._refusal("has no transformers config")
         self.key = f"selection.attention.{self.layer}"
+
+    def _refusal(self, reason: str) -> ValueError:
+        return ValueError(
+            f"TokenSelection's attention score (modes 'sstoken', 'attention') cannot be computed on model type "
+            f"{self.model_type!r}: {type(self.module).__name__} {reason}; use TokenSelection(mode='loss'), 'rho1' or "
+            "'random' (no attention needed), or a model whose attention does (llama, qwen2, mistral...)")
+
+    @torch.no_grad()
+    def check(self, model: nn.Module) -> None:
+        """Refuse, before any training step, a model whose attention the probe cannot recompute.
+
+        Runs the decoder of ``model`` on two tokens (eval mode, no cache) up to the probed attention module, then
+        the probe on the inputs captured there, as :meth:`scores` does after every training forward. A model with
+        weights on the meta device (not materialised yet) cannot run: it is not checked, and :meth:`scores` raises
+        the same error at the first training step instead.
+
+        Args:
+            model: The causal LM (or a wrapper of it) the probe was built for.
+
+        Raises:
+            ValueError: The attention module does not call transformers' attention interface; the message names
+                the model type and the modes that need no attention.
+        """
+
+        def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            raise _Captured(args, kwargs)
+
+        if any(parameter.is_meta for parameter in model.parameters()):
+            return
+        keep_4bit_weights_unpacked(model)  # an eval forward under no_grad on the CPU would repack 4-bit weights
+        captured = None
+        device = causal_lm_of(model).get_input_embeddings().weight.device
+        hook = self.module.register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
+        try:
+            with eval_mode(model):
+                decoder_of(model)(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+        except _Captured as stopped:
+            captured = stopped
+        finally:
+            hook.remove()
+        if captured is None:
+            raise RuntimeError(f"the attention module of decoder layer {self.layer} ({type(self.module).__name__}) "
+                               "was not called by a forward of the model")
+        try:
+            probed = self._recompute(captured.args, captured.kwargs)
+        except Exception as error:  # noqa: BLE001 - a module with its own attention code may fail on the probe
+            raise self._refusal(f"fails under the probe ({type(error).__name__}: {error})") from error
+        if probed is None:
+            raise self._refusal("does not call transformers' attention interface")
+
+    def _recompute(self, args: tuple, kwargs: dict) -> Optional[_Probed]:
+        """Call the attention module on ``(args, kwargs)`` with the probe as its kernel: the query and key states it
+        gave the probe, or ``None`` when it never called it."""
+        # The training forward's cache already holds this layer's keys: a second update would append them
+        # again. Drop it whatever it is called (``past_key_values`` up to transformers 5.23, ``cache`` after).
+        args = tuple(None if isinstance(value, Cache) else value for value in args)
+        kwargs = {name: None if isinstance(value, Cache) else value for name, value in kwargs.items()}
+        with _probing(self.module), _gathered(self.decoder_layer):
+            try:
+                self.module(*args, **kwargs)
+            except _Probed as probed:
+                return probed
+        return None
 
     def attach(self, dispatcher) -> None:
         """Have ``dispatcher`` capture the attention module's inputs on every training forward."""
@@ -192,16 +267,8 @@ class AttentionProbe:
         if self.key not in captured:
             raise RuntimeError(f"the inputs of decoder layer {self.layer}'s attention were not captured in this "
                                "forward; was the model called with input_ids?")
-        args, kwargs = captured[self.key]
-        # The training forward's cache already holds this layer's keys: a second update would append them
-        # again. Drop it whatever it is called (``past_key_values`` up to transformers 5.23, ``cache`` after).
-        args = tuple(None if isinstance(value, Cache) else value for value in args)
-        kwargs = {name: None if isinstance(value, Cache) else value for name, value in kwargs.items()}
-        with _probing(self.module), _gathered(self.decoder_layer):
-            try:
-                self.module(*args, **kwargs)
-            except _Probed as probed:
-                return context_attention(probed.query, probed.key, attention_mask, context,
-                                         probed.scaling, probed.softcap, segments)
-        raise RuntimeError(f"{type(self.module).__name__} does not use transformers' attention interface, so its "
-                           "attention cannot be recomputed; use mode='loss' or 'random'")
+        probed = self._recompute(*captured[self.key])
+        if probed is None:  # :meth:`check` refuses such a model up front; this is for a probe built without it
+            raise self._refusal("does not call transformers' attention interface")
+        return context_attention(probed.query, probed.key, attention_mask, context, probed.scaling, probed.softcap,
+                                 segments)

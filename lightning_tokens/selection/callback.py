@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.packing import SampleView
 from lightning_tokens.modeling import ModelSpec
 from lightning_tokens.sharding import shards_with_fsdp2, warn_if_fsdp1
@@ -101,18 +102,13 @@ class TokenSelection(TokenLossCallback):
         keep_logits: bool = False,
     ) -> None:
         super().__init__(model_attribute, keep_logits)
-        if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-            raise ValueError(f"TokenSelection.ratio must be in (0, 1], got {ratio!r}")
-        if not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
-            raise ValueError(f"TokenSelection.gamma must be in [0, 1], got {gamma!r}")
-        if not isinstance(warmup, (int, float)) or warmup < 0:
-            raise ValueError(f"TokenSelection.warmup must be >= 0, got {warmup!r}")
+        check_numbers("TokenSelection", ratio=(ratio, "in (0, 1]"), gamma=(gamma, "in [0, 1]"), warmup=(warmup, ">= 0"),
+                      attention_layer=(attention_layer, "an integer"), ema_decay=(ema_decay, "in [0, 1)"),
+                      seed=(seed, "an integer"))
         if mode not in MODES:
             raise ValueError(f"TokenSelection.mode must be one of {', '.join(MODES)}, got {mode!r}")
         if history not in HISTORIES:
             raise ValueError(f"TokenSelection.history must be one of {', '.join(HISTORIES)}, got {history!r}")
-        if not 0 <= ema_decay < 1:
-            raise ValueError(f"TokenSelection.ema_decay must be in [0, 1), got {ema_decay!r}")
         if history_quantization not in (None, "int8", "nf4", "fp4"):
             raise ValueError(f"TokenSelection.history_quantization must be 'int8', 'nf4', 'fp4' or null, "
                              f"got {history_quantization!r}")
@@ -174,10 +170,17 @@ class TokenSelection(TokenLossCallback):
             pl_module: The module owning it, searched for a PEFT wrapper. Default ``None``: ``model``.
             device: Where training runs (for a quantized history copy). Default ``None``: ``model``'s device.
             datamodule: Training data to check a precomputed history file against. Default ``None``.
+
+        Raises:
+            ValueError: A mode needing the attention score (``"sstoken"``, ``"attention"``) on a model whose attention
+                at ``attention_layer`` does not go through transformers' attention interface (found by a forward of
+                two tokens); the message names the model type and the modes that need no attention.
         """
         device = device or next(model.parameters()).device
         if self.needs_attention and self.probe is None:
-            self.probe = AttentionProbe(model, self.attention_layer)
+            probe = AttentionProbe(model, self.attention_layer)
+            probe.check(model)  # a model whose attention cannot be probed is refused here, not at the first step
+            self.probe = probe
         if self.needs_history and self.source is None:
             self.source = self._build_source(model, pl_module or model)
             self.source.setup(model, pl_module or model, device)

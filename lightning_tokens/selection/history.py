@@ -60,12 +60,17 @@ class TokenNll:
     The output head projects target positions only, a chunk at a time (see
     :func:`~lightning_tokens.lean_loss.lean_token_loss`); when the training forward kept its full logits
     (``keep_logits=True``), this forward builds them too.
+
+    Only the cross-entropy is wanted: a mixture-of-experts model runs without ``output_router_logits``, so its
+    router load-balancing loss (part of the training loss) is neither computed nor counted here.
     """
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, kwargs: dict[str, Any], labels: Tensor, chunk_size: int = DEFAULT_CHUNK,
                  keep_logits: bool = False) -> Tensor:
         kwargs = {**kwargs, "use_cache": False}
+        if getattr(causal_lm_of(model).config.get_text_config(), "output_router_logits", False):
+            kwargs["output_router_logits"] = False
         if keep_logits:
             return per_token_loss(model(**kwargs).logits, labels)[0]
         return lean_token_loss(model, kwargs, labels, chunk_size)

@@ -14,6 +14,12 @@ the log-sum-exp of every query, and recomputes the scores in its backward. Group
 Models reach it through transformers' attention interface: :func:`thought_attention_mode` switches the model's
 ``_attn_implementation`` to :data:`IMPLEMENTATION` for the passes, and the function registered under that name
 keeps the keys and values of each layer as the passes run.
+
+It follows each layer's own attention: Gemma 2's soft cap of the scores (the keyword the layer passes; the fused CPU
+kernel cannot apply it, so such layers take the chunked path) and a sliding window where the layer has one (see
+:func:`~lightning_tokens.thoughts.parallel.layer_windows`). At pass ``k`` the query at position ``i`` stands at index
+``i + k`` of the sequence it re-runs, so a window ``W`` lets it read the text keys ``j > i + k - W`` and the keys of
+passes ``p > k - W``: those layers get a text mask per pass, built once for all of them.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class _Settings:
     chunk: int
     dropout: float = 0.0
     seed: int = 0  # of the dropout masks, drawn again chunk by chunk in the backward
+    softcap: Optional[float] = None  # scores become softcap * tanh(scores / softcap) (Gemma 2)
 
 
 class TwoPartAttention(torch.autograd.Function):
@@ -55,8 +62,10 @@ class TwoPartAttention(torch.autograd.Function):
     pass, at the query's own position), exactly; scores recomputed in the backward, a chunk of queries at a time.
 
     Shapes: ``query (R, H, L, d)`` with ``R = B * n`` rows (thought ``t`` of row ``b`` at ``b * n + t``);
-    ``text_key, text_value (B, K, L_text, d)``; ``allowed (B, L, L_text)`` bool; each window key and value
-    ``(R, K, L, d)``. Output ``(R, H, L, d)``.
+    ``text_key (B, K, L_text, d)``, ``text_value (B, K, L_text, d_v)``; ``allowed (B, L, L_text)`` bool; each window
+    key ``(R, K, L, d)`` and value ``(R, K, L, d_v)``. Output ``(R, H, L, d_v)``: values may have a head size of their
+    own (DeepSeek's multi-head latent attention). With a soft cap ``c`` the scaled scores ``s`` become
+    ``c * tanh(s / c)`` before the mask, as Gemma 2's attention does.
     """
 
     @staticmethod
@@ -90,14 +99,24 @@ def _window(tensors: tuple[Tensor, ...], start: int, stop: int, batch: int, acc:
     return stacked.view(count, batch, rows // batch, *stacked.shape[2:]).to(acc)
 
 
-def _chunk_scores(q: Tensor, text_key: Tensor, allowed: Tensor, keys: Tensor, scaling: float, start: int,
-                  stop: int) -> tuple[Tensor, Tensor]:
+def _capped(scores: Tensor, softcap: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
+    """``softcap * tanh(scores / softcap)`` and its slope ``1 - tanh^2``; ``scores`` and ``None`` without a cap."""
+    if softcap is None:
+        return scores, None
+    tanh = torch.tanh(scores / softcap)
+    return tanh * softcap, 1 - tanh * tanh
+
+
+def _chunk_scores(q: Tensor, text_key: Tensor, allowed: Tensor, keys: Tensor, settings: _Settings, start: int,
+                  stop: int) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Scores of grouped queries ``q (B, n, K, G, c, d)`` (queries ``start:stop``): text ``(B, n, K, G, c, L_text)``
-    (``-inf`` where not allowed) and window ``(B, n, K, G, c, count)`` from stacked ``keys``."""
-    text = torch.einsum("bnkgcd,bksd->bnkgcs", q, text_key) * scaling
+    (``-inf`` where not allowed) and window ``(B, n, K, G, c, count)`` from stacked ``keys``, soft-capped where
+    ``settings`` say so; then the slopes of the cap (``None`` without one)."""
+    text = torch.einsum("bnkgcd,bksd->bnkgcs", q, text_key) * settings.scaling
+    text, text_slope = _capped(text, settings.softcap)
     text = text.masked_fill(~allowed[:, None, None, None, start:stop], float("-inf"))
-    own = torch.einsum("bnkgcd,pbnkcd->bnkgcp", q, keys) * scaling
-    return text, own
+    own, own_slope = _capped(torch.einsum("bnkgcd,pbnkcd->bnkgcp", q, keys) * settings.scaling, settings.softcap)
+    return text, own, text_slope, own_slope
 
 
 def _kept(settings: _Settings, text: Tensor, own: Tensor, start: int) -> tuple[Tensor, Tensor]:
@@ -113,7 +132,8 @@ def _kept(settings: _Settings, text: Tensor, own: Tensor, start: int) -> tuple[T
 
 def _two_part_forward(query, text_key, text_value, allowed, keys, values, settings):
     batch, kv_heads, acc = text_key.shape[0], text_key.shape[1], _accumulation(query)
-    rows, heads, length, dim = query.shape
+    rows, heads, length = query.shape[:3]
+    dim = text_value.shape[-1]
     text_key, text_value = text_key.to(acc), text_value.to(acc)
     out = query.new_empty(rows, heads, length, dim)
     lse = query.new_empty(rows, heads, length, dtype=acc)
@@ -121,7 +141,7 @@ def _two_part_forward(query, text_key, text_value, allowed, keys, values, settin
         stop = min(start + settings.chunk, length)
         q = _grouped(query[:, :, start:stop], batch, kv_heads).to(acc)
         window_keys, window_values = _window(keys, start, stop, batch, acc), _window(values, start, stop, batch, acc)
-        text, own = _chunk_scores(q, text_key, allowed, window_keys, settings.scaling, start, stop)
+        text, own, _, _ = _chunk_scores(q, text_key, allowed, window_keys, settings, start, stop)
         top = torch.maximum(text.amax(-1), own.amax(-1))  # own always holds the query's own key: finite
         p_text, p_own = torch.exp(text - top[..., None]), torch.exp(own - top[..., None])
         total = p_text.sum(-1) + p_own.sum(-1)
@@ -135,7 +155,8 @@ def _two_part_forward(query, text_key, text_value, allowed, keys, values, settin
 
 def _two_part_backward(query, text_key, text_value, allowed, keys, values, out, lse, grad_out, settings):
     """With ``P`` the probabilities, ``M`` dropout's scaled keep mask and ``D = rowsum(dO * O)``:
-    ``dV = (P M)^T dO``, ``dS = P (M (dO V^T) - D)``, ``dQ = dS K``, ``dK = dS^T Q`` (times the scaling)."""
+    ``dV = (P M)^T dO``, ``dS = P (M (dO V^T) - D)`` (times the soft cap's slope), ``dQ = dS K``, ``dK = dS^T Q``
+    (times the scaling)."""
     batch, kv_heads, acc = text_key.shape[0], text_key.shape[1], _accumulation(query)
     rows, heads, length, dim = query.shape
     key_dtype, value_dtype = text_key.dtype, text_value.dtype
@@ -143,13 +164,13 @@ def _two_part_backward(query, text_key, text_value, allowed, keys, values, out, 
     dq = torch.empty(rows, heads, length, dim, dtype=acc, device=query.device)
     dk_text, dv_text = torch.zeros_like(text_key), torch.zeros_like(text_value)
     dk_window = torch.empty(len(keys), rows, kv_heads, length, dim, dtype=acc, device=query.device)
-    dv_window = torch.empty_like(dk_window)
+    dv_window = torch.empty(len(keys), rows, kv_heads, length, text_value.shape[-1], dtype=acc, device=query.device)
     for start in range(0, length, settings.chunk):
         stop = min(start + settings.chunk, length)
         width = stop - start
         q = _grouped(query[:, :, start:stop], batch, kv_heads).to(acc)
         window_keys, window_values = _window(keys, start, stop, batch, acc), _window(values, start, stop, batch, acc)
-        text, own = _chunk_scores(q, text_key, allowed, window_keys, settings.scaling, start, stop)
+        text, own, text_slope, own_slope = _chunk_scores(q, text_key, allowed, window_keys, settings, start, stop)
         log_total = _grouped(lse[:, :, start:stop, None], batch, kv_heads)  # (B, n, K, G, c, 1)
         p_text, p_own = torch.exp(text - log_total), torch.exp(own - log_total)
         keep_text, keep_own = _kept(settings, text, own, start)
@@ -159,11 +180,13 @@ def _two_part_backward(query, text_key, text_value, allowed, keys, values, out, 
         dv_text += torch.einsum("bnkgcs,bnkgcd->bksd", p_text * keep_text, g)
         d_text = p_text * (keep_text * torch.einsum("bnkgcd,bksd->bnkgcs", g, text_value) - delta)
         d_own = p_own * (keep_own * torch.einsum("bnkgcd,pbnkcd->bnkgcp", g, window_values) - delta)
+        if settings.softcap is not None:
+            d_text, d_own = d_text * text_slope, d_own * own_slope
         dk_text += torch.einsum("bnkgcs,bnkgcd->bksd", d_text, q)
         dq_chunk = (torch.einsum("bnkgcs,bksd->bnkgcd", d_text, text_key)
                     + torch.einsum("bnkgcp,pbnkcd->bnkgcd", d_own, window_keys))
         dq[:, :, start:stop] = (dq_chunk * settings.scaling).reshape(rows, heads, width, dim)
-        shape = (len(keys), rows, kv_heads, width, dim)
+        shape = (len(keys), rows, kv_heads, width, -1)
         dk_window[:, :, :, start:stop] = torch.einsum("bnkgcp,bnkgcd->pbnkcd", d_own, q).reshape(shape)
         dv_window[:, :, :, start:stop] = torch.einsum("bnkgcp,bnkgcd->pbnkcd", p_own * keep_own, g).reshape(shape)
     dk_text *= settings.scaling
@@ -177,28 +200,34 @@ def two_part_attention(query: Tensor, text_key: Tensor, text_value: Tensor, allo
                        window_keys: list[Tensor], window_values: list[Tensor], scaling: float,
                        chunk: int = DEFAULT_QUERY_CHUNK, dropout: float = 0.0,
                        generator: Optional[torch.Generator] = None, fused: bool = True,
-                       buffer: Optional[WindowBuffer] = None) -> Tensor:
+                       buffer: Optional[WindowBuffer] = None, softcap: Optional[float] = None,
+                       text_mask: Optional[TextMask] = None) -> Tensor:
     """Attention of thought queries over the text's keys (where ``allowed``) and their own window (see
     :class:`TwoPartAttention` for shapes). The window must hold at least the query's own current key.
 
     Args:
         query, text_key, text_value, allowed, window_keys, window_values: As in :class:`TwoPartAttention`.
-        scaling: Factor of the scores (``head_dim ** -0.5`` for most models).
+        scaling: Factor of the scores: the attention module's own (``head_dim ** -0.5`` for most models, times
+            DeepSeek's YaRN ``mscale`` squared where its rope scaling sets one).
         chunk: Queries per chunk of the scores. Default :data:`DEFAULT_QUERY_CHUNK`.
         dropout: Dropout probability on the attention probabilities. Default ``0.0``.
         generator: Where the dropout masks' seed is drawn from. Default ``None``: the global generator.
-        fused: On the CPU without dropout, run the text part in PyTorch's fused attention kernel
+        fused: On the CPU without dropout nor soft cap, run the text part in PyTorch's fused attention kernel
             (:mod:`.fused_attention`); ``chunk`` then does not apply. Default ``True``.
-        buffer: For the fused kernel, the window already written into a buffer (the passes keep one per layer).
-            Default ``None``: built from the window.
+        buffer: For the fused kernel, a buffer whose last written passes are the window (the passes keep one per
+            layer). Default ``None``: built from the window.
+        softcap: Soft cap ``c`` of the scaled scores ``s``: ``c * tanh(s / c)`` (Gemma 2's
+            ``attn_logit_softcapping``). Default ``None``: none.
+        text_mask: For the fused kernel, ``allowed`` as :meth:`TextMask.of` gives it (the passes build it once).
+            Default ``None``: built from ``allowed``.
     """
     if not window_keys or len(window_keys) != len(window_values):
         raise ValueError("two_part_attention: the window needs as many keys as values, and at least one")
-    if fused and fused_kernel_applies(query, dropout):
+    if fused and softcap is None and fused_kernel_applies(query, dropout):
         return fused_two_part_attention(query, text_key, text_value, allowed, window_keys, window_values, scaling,
-                                        buffer)
+                                        buffer, text_mask)
     seed = int(torch.randint(0, 2**62, (), generator=generator)) if dropout else 0
-    settings = _Settings(float(scaling), int(chunk), float(dropout), seed)
+    settings = _Settings(float(scaling), int(chunk), float(dropout), seed, None if softcap is None else float(softcap))
     return TwoPartAttention.apply(query, text_key, text_value, allowed, settings, *window_keys, *window_values)
 
 
@@ -219,6 +248,11 @@ class ThoughtPassState:
         capacity: How many passes follow the text pass. Default ``None``: unknown (no window buffers).
         buffers: Per layer index, the window written into one buffer for the fused CPU kernel.
         fused_mask: The thought passes' text mask as the fused kernel takes it (built once).
+        sliding_windows: Per layer index, the sliding attention window of the layers that have one (a key ``j`` is
+            read from index ``q`` only where ``q - j < window``). Default: none.
+        query_index: ``(B, P)`` the position each thought slot thinks at, when not every position thinks (its
+            queries at pass ``k`` sit at index ``position + k`` of the sequence the passes stand for). Default
+            ``None``: slot ``i`` is position ``i``.
     """
 
     allowed: Tensor
@@ -230,9 +264,61 @@ class ThoughtPassState:
     capacity: Optional[int] = None
     buffers: dict[int, WindowBuffer] = field(default_factory=dict)
     fused_mask: Optional[TextMask] = None
+    sliding_windows: dict[int, int] = field(default_factory=dict)
+    query_index: Optional[Tensor] = None
+    _banded: dict[int, tuple[Tensor, Optional[TextMask]]] = field(default_factory=dict, init=False, repr=False)
+    _banded_pass: int = field(default=-1, init=False, repr=False)  # the pass _banded holds the masks of
+
+    def reach(self, layer: int) -> Optional[int]:
+        """The window of ``layer`` where it hides some text key from some query of this pass, else ``None``."""
+        window = self.sliding_windows.get(layer)
+        return window if window is not None and self.allowed.shape[-1] - 1 + self.pass_index >= window else None
+
+    def text_allowed(self, window: Optional[int]) -> Tensor:
+        """``(B, P, L)`` bool: the text keys this pass's queries read at a layer of sliding ``window`` (``None``: all
+        their rows of ``allowed``)."""
+        rows = self.allowed if self.pass_index == 0 or self.query_allowed is None else self.query_allowed
+        if window is None:
+            return rows
+        if self._banded_pass != self.pass_index:  # the earlier passes' masks live on in their autograd nodes only
+            self._banded, self._banded_pass = {}, self.pass_index
+        if window not in self._banded:
+            keys = torch.arange(rows.shape[-1], device=rows.device)
+            queries = keys if self.pass_index == 0 or self.query_index is None else self.query_index
+            self._banded[window] = (rows & (queries[..., None] + self.pass_index - keys < window), None)
+        return self._banded[window][0]
+
+    def fused_text_mask(self, window: Optional[int], dtype: torch.dtype) -> TextMask:
+        """:meth:`text_allowed` as the fused kernel takes it, built once per pass and window (once in all for none)."""
+        if window is None:
+            if self.fused_mask is None:
+                self.fused_mask = TextMask.of(self.text_allowed(None), dtype)
+            return self.fused_mask
+        allowed = self.text_allowed(window)
+        mask = self._banded[window][1]
+        if mask is None:
+            mask = TextMask.of(allowed, dtype)
+            self._banded[window] = (allowed, mask)
+        return mask
 
 
 _active: Optional[ThoughtPassState] = None
+
+
+def _text_attention(query: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling: float, dropout: float,
+                    softcap: Optional[float]) -> Tensor:
+    """The text pass's attention ``(B, H, L, d_v)``: PyTorch's SDPA; with a soft cap, which SDPA does not apply, the
+    scores written out as transformers' eager attention computes them (float32 softmax, cast to the queries' dtype)."""
+    if softcap is None:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed[:, None], dropout_p=dropout, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1])
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = _capped(query @ key.transpose(-1, -2) * scaling, softcap)[0]
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probabilities = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
+    return torch.nn.functional.dropout(probabilities, dropout) @ value
 
 
 def _thought_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
@@ -242,27 +328,26 @@ def _thought_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     if state is None:
         raise RuntimeError(f"attn_implementation {IMPLEMENTATION!r} only runs inside Quiet-STaR's thought passes")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    softcap = kwargs.get("softcap")
     layer = module.layer_idx
+    reach = state.reach(layer)
+    allowed = state.text_allowed(reach)
     if state.pass_index == 0:
         state.text[layer] = (key, value)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=state.allowed[:, None], dropout_p=dropout, scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1])
+        out = _text_attention(query, key, value, allowed, scaling, dropout, softcap)
     else:
         window = state.window.setdefault(layer, [])
         window.append((key, value))
-        allowed = state.allowed if state.query_allowed is None else state.query_allowed
-        buffer = None
-        if state.capacity is not None and fused_kernel_applies(query, dropout):
+        read = window if reach is None else window[-reach:]  # pass k reads pass p's key where k - p < window
+        buffer = text_mask = None
+        if state.capacity is not None and softcap is None and fused_kernel_applies(query, dropout):
             if layer not in state.buffers:
-                if state.fused_mask is None:
-                    state.fused_mask = TextMask.of(allowed, query.dtype)
-                state.buffers[layer] = WindowBuffer.like(key, state.text[layer][0].shape[0], state.capacity,
-                                                         state.fused_mask)
+                state.buffers[layer] = WindowBuffer.like(key, value, state.text[layer][0].shape[0], state.capacity)
             buffer = state.buffers[layer]
             buffer.append(key, value)
-        out = two_part_attention(query, *state.text[layer], allowed, [k for k, _ in window],
-                                 [v for _, v in window], scaling, state.chunk, dropout, buffer=buffer)
+            text_mask = state.fused_text_mask(reach, query.dtype)
+        out = two_part_attention(query, *state.text[layer], allowed, [k for k, _ in read], [v for _, v in read],
+                                 scaling, state.chunk, dropout, buffer=buffer, softcap=softcap, text_mask=text_mask)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -10,8 +10,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.encode import Encoded, pad
-from lightning_tokens.data.module import EpochSeededSampler, ResumableDataLoader, check_length_and_split, epoch_progress
+from lightning_tokens.data.module import EpochSeededSampler, ResumableDataLoader, epoch_progress
 from lightning_tokens.data.packing import PackedCollator, PackedRows
 from lightning_tokens.data.reasoning_task import ReasoningTask, render_prompt
 
@@ -63,7 +64,10 @@ class PlainTextDataModule(LightningDataModule):
         packing: bool = False,
     ) -> None:
         super().__init__()
-        check_length_and_split("PlainTextDataModule", max_length, val_fraction)
+        check_numbers("PlainTextDataModule", max_documents=(max_documents, "an integer >= 1 or None"),
+                      max_length=(max_length, "an integer >= 2"), val_fraction=(val_fraction, "in [0, 1)"),
+                      batch_size=(batch_size, "an integer >= 1"),
+                      eval_batch_size=(eval_batch_size, "an integer >= 1 or None"), seed=(seed, "an integer"))
         self.save_hyperparameters()
         self.train_file, self.dataset, self.dataset_config, self.split = train_file, dataset, dataset_config, split
         self.text_field, self.max_documents = text_field, max_documents

@@ -17,6 +17,10 @@ part's gradients follow from the same formulas as batched matmuls.
 Layouts (``B`` text rows, ``n`` thoughts per row, ``K`` kv heads, ``G`` query heads per kv head, ``P`` queries):
 queries arrive as ``(B * n, K * G, P, d)``; the kernel takes them "folded" as ``(B, K * n * G, P, d)``; the window
 part works on ``(B, K, n, P, G, d)``, one small matrix per query.
+
+Values may have another head size than queries and keys (DeepSeek's multi-head latent attention: 128 against 192).
+The kernel takes one head size: its inputs are padded with zeros to the larger one, which leaves the scores as they
+are and gives zero output columns, cut off again; the padded copies live only during the kernel's call.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def fused_kernel_applies(query: Tensor, dropout: float) -> bool:
 
 @dataclass(frozen=True)
 class TextMask:
-    """The text mask as the kernel and the merge take it, built once for every layer and pass.
+    """The text mask as the kernel and the merge take it, built once for every layer and pass (once per pass for
+    the layers of a sliding window, whose reach moves with the pass).
 
     Attributes:
         additive: ``(B, 1, P, L)`` 0 where allowed, ``-inf`` elsewhere, in the queries' dtype.
@@ -59,42 +64,46 @@ class TextMask:
 
 @dataclass
 class WindowBuffer:
-    """One layer's window keys and values, ``(B, K, n, P, capacity, d)`` each, filled one pass at a time.
+    """One layer's window keys and values, ``(B, K, n, P, capacity, d)`` each (``d`` the key's or the value's head
+    size), filled one pass at a time.
 
     Attributes:
         keys: The keys buffer.
         values: The values buffer.
-        mask: The text mask of every pass.
         count: Passes written so far.
     """
 
     keys: Tensor
     values: Tensor
-    mask: TextMask
     count: int = 0
 
     @classmethod
-    def like(cls, key: Tensor, batch: int, capacity: int, mask: TextMask) -> "WindowBuffer":
-        """An empty buffer for window keys shaped like ``key`` (``(B * n, K, P, d)``)."""
-        rows, kv_heads, length, dim = key.shape
-        shape = (batch, kv_heads, rows // batch, length, capacity, dim)
-        return cls(key.new_empty(shape), key.new_empty(shape), mask)
+    def like(cls, key: Tensor, value: Tensor, batch: int, capacity: int) -> "WindowBuffer":
+        """An empty buffer for window keys and values shaped like ``key`` and ``value`` (``(B * n, K, P, d)``)."""
+
+        def empty(like: Tensor) -> Tensor:
+            rows, kv_heads, length, dim = like.shape
+            return like.new_empty(batch, kv_heads, rows // batch, length, capacity, dim)
+
+        return cls(empty(key), empty(value))
 
     def append(self, key: Tensor, value: Tensor) -> None:
         """Write one pass's ``(B * n, K, P, d)`` key and value (their data: gradients reach them through the
         attention, which takes them as inputs)."""
         if self.count == self.keys.shape[4]:
             raise RuntimeError(f"WindowBuffer: all {self.count} passes are written")
-        batch, kv_heads, n, length, _, dim = self.keys.shape
         with torch.no_grad():
             for buffer, tensor in ((self.keys, key), (self.values, value)):
+                batch, kv_heads, n, length, _, dim = buffer.shape
                 buffer[:, :, :, :, self.count].copy_(tensor.view(batch, n, kv_heads, length, dim).transpose(1, 2))
         self.count += 1
 
-    def written(self) -> tuple[Tensor, Tensor]:
-        """The written keys and values ``(B, K, n, P, count, d)``, as tensors the later writes do not count as
-        changes of (autograd saves them; the slots they cover are never written again)."""
-        return self.keys.data[..., :self.count, :], self.values.data[..., :self.count, :]
+    def written(self, last: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """The written keys and values ``(B, K, n, P, count, d)`` (the ``last`` passes written only, when given), as
+        tensors the later writes do not count as changes of (autograd saves them; the slots they cover are never
+        written again)."""
+        first = 0 if last is None else max(0, self.count - last)
+        return self.keys.data[..., first:self.count, :], self.values.data[..., first:self.count, :]
 
 
 def _fold(query: Tensor, batch: int, kv_heads: int) -> Tensor:
@@ -131,6 +140,11 @@ def _lse_per_query(lse: Tensor, kv_heads: int, n: int) -> Tensor:
     return lse.view(batch, kv_heads, n, heads // (kv_heads * n), length).transpose(3, 4)
 
 
+def _padded(tensor: Tensor, dim: int) -> Tensor:
+    """``tensor`` with zeros appended to its last dimension up to ``dim`` (itself when it has that size)."""
+    return torch.nn.functional.pad(tensor, (0, dim - tensor.shape[-1])) if tensor.shape[-1] < dim else tensor
+
+
 def _text_lse(lse_text: Tensor, mask: TextMask, kv_heads: int, n: int) -> Tensor:
     """The kernel's log-sum-exp per query ``(B, K, n, P, G)``, ``-inf`` for queries that may read no text key."""
     return _lse_per_query(lse_text, kv_heads, n).masked_fill(~mask.reads_text, float("-inf"))
@@ -139,7 +153,7 @@ def _text_lse(lse_text: Tensor, mask: TextMask, kv_heads: int, n: int) -> Tensor
 class FusedTwoPartAttention(torch.autograd.Function):
     """The same attention as :class:`~lightning_tokens.thoughts.attention.TwoPartAttention` (no dropout), its text
     part in PyTorch's fused CPU kernel and its window read from a :class:`WindowBuffer`'s ``written()`` tensors
-    (``window_keys, window_values (B, K, n, P, count, d)``) and its :class:`TextMask`; the window tensors after
+    (``window_keys, window_values (B, K, n, P, count, d)``) and a :class:`TextMask`; the window tensors after
     them are the same keys and values as separate inputs, which receive their gradients."""
 
     @staticmethod
@@ -148,8 +162,10 @@ class FusedTwoPartAttention(torch.autograd.Function):
         batch, kv_heads = text_key.shape[:2]
         n = query.shape[0] // batch
         acc = torch.promote_types(query.dtype, torch.float32)
-        out_text, lse_text = _KERNEL(_fold(query, batch, kv_heads), text_key, text_value,
-                                     attn_mask=mask.additive, scale=scaling)
+        dim = max(query.shape[-1], text_value.shape[-1])
+        out_text, lse_text = _KERNEL(_padded(_fold(query, batch, kv_heads), dim), _padded(text_key, dim),
+                                     _padded(text_value, dim), attn_mask=mask.additive, scale=scaling)
+        out_text = out_text[..., :text_value.shape[-1]]
         q = _per_query(query, batch, kv_heads).to(acc)
         # one contiguous copy of the window: batched matmuls over strided blocks run several times slower
         keys, values = window_keys.to(acc).contiguous(), window_values.to(acc).contiguous()
@@ -174,9 +190,13 @@ class FusedTwoPartAttention(torch.autograd.Function):
         acc = torch.promote_types(query.dtype, torch.float32)
         g = _per_query(grad_out, batch, kv_heads).to(acc)
         text_share = torch.exp(_text_lse(lse_text.to(acc), mask, kv_heads, n) - lse)[..., None]
+        dim = max(query.shape[-1], text_value.shape[-1])
         dq_text, dk_text, dv_text = _KERNEL_BACKWARD(
-            _refold(g * text_share, query.dtype), _fold(query, batch, kv_heads), text_key, text_value,
-            _refold(out, query.dtype), lse_text, 0.0, False, attn_mask=mask.additive, scale=scaling)
+            _padded(_refold(g * text_share, query.dtype), dim), _padded(_fold(query, batch, kv_heads), dim),
+            _padded(text_key, dim), _padded(text_value, dim), _padded(_refold(out, query.dtype), dim), lse_text, 0.0,
+            False, attn_mask=mask.additive, scale=scaling)
+        key_dim, value_dim = text_key.shape[-1], text_value.shape[-1]
+        dq_text, dk_text, dv_text = dq_text[..., :key_dim], dk_text[..., :key_dim], dv_text[..., :value_dim]
         q, o = _per_query(query, batch, kv_heads).to(acc), out.to(acc)
         keys, values = window_keys.to(acc).contiguous(), window_values.to(acc).contiguous()
         p_own = torch.exp(q @ keys.transpose(-1, -2) * scaling - lse[..., None])  # (B, K, n, P, G, count)
@@ -206,12 +226,15 @@ def _window_grad(grad: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
 
 def fused_two_part_attention(query: Tensor, text_key: Tensor, text_value: Tensor, allowed: Tensor,
                              window_keys: list[Tensor], window_values: list[Tensor], scaling: float,
-                             buffer: Optional[WindowBuffer] = None) -> Tensor:
+                             buffer: Optional[WindowBuffer] = None, mask: Optional[TextMask] = None) -> Tensor:
     """:class:`FusedTwoPartAttention` (see :func:`~lightning_tokens.thoughts.attention.two_part_attention` for the
-    arguments). ``buffer`` holds the window already written; without one, it is built from the window."""
+    arguments). ``buffer`` holds the window as its last written passes; without one, it is built from the window.
+    ``mask`` is ``allowed`` as the kernel takes it; without one, it is built."""
     if buffer is None:
-        buffer = WindowBuffer.like(window_keys[0], text_key.shape[0], len(window_keys), TextMask.of(allowed, query.dtype))
+        buffer = WindowBuffer.like(window_keys[0], window_values[0], text_key.shape[0], len(window_keys))
         for key, value in zip(window_keys, window_values):
             buffer.append(key, value)
-    return FusedTwoPartAttention.apply(query, text_key, text_value, buffer.mask, float(scaling), *buffer.written(),
-                                       *window_keys, *window_values)
+    if mask is None:
+        mask = TextMask.of(allowed, query.dtype)
+    return FusedTwoPartAttention.apply(query, text_key, text_value, mask, float(scaling),
+                                       *buffer.written(len(window_keys)), *window_keys, *window_values)

@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, StaticLayer
 
+from lightning_tokens.checks import check_numbers
+from lightning_tokens.lean_loss import OutputProjection
 from lightning_tokens.modeling import cache_keyword, causal_lm_of, decoder_of
 from lightning_tokens.thoughts.heads import MixingHead
-from lightning_tokens.thoughts.parallel import sliding_window, check_supported, forbid, positions_of, sample_tokens
+from lightning_tokens.thoughts.parallel import check_supported, forbid, layer_windows, positions_of, sample_tokens
+
+#: The sliding window of every layer (``None``: full attention), or of each of ``config.layer_types``.
+Windows = Union[Optional[int], dict[str, Optional[int]]]
 
 
 @dataclass
@@ -47,7 +52,11 @@ class ThoughtfulOutput:
 
 
 class _SlotLayer(StaticLayer):
-    """One layer's keys and values, ``(B, heads, max_cache_len, head_dim)``, written at ``slot, slot + 1, ...``."""
+    """One layer's keys and values, ``(B, heads, max_cache_len, head_dim)``, written at ``slot, slot + 1, ...``.
+
+    Each is allocated from the shape the model writes, so keys and values may differ in heads and head size (DeepSeek
+    caches its compressed latent and its rotary key, ``(B, 1, ., kv_lora_rank)`` and ``(B, 1, ., qk_rope_head_dim)``).
+    """
 
     def __init__(self, max_cache_len: int, slot: Tensor, static: bool):
         super().__init__(max_cache_len=max_cache_len)
@@ -100,10 +109,25 @@ def slot_mask(valid: Tensor, slot: Tensor, queries: int, window: Optional[int], 
     return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _forward(backbone: nn.Module, keyword: str, cache: SlotCache, valid: Tensor, window: Optional[int],
+def cache_windows(lm: PreTrainedModel, size: int) -> Windows:
+    """The windows :func:`slot_mask` takes for a cache of ``size`` slots: one for every layer, or per layer type where
+    the layers' windows differ (the models that list ``config.layer_types`` take a mask per type); a window of
+    ``size`` slots or more is none."""
+    windows = [None if window is None or window >= size else window for window in layer_windows(lm)]
+    if len(set(windows)) == 1:
+        return windows[0]
+    types = lm.config.get_text_config(decoder=True).layer_types
+    return dict(zip(types, windows))
+
+
+def _forward(backbone: nn.Module, keyword: str, cache: SlotCache, valid: Tensor, windows: Windows,
              inputs: Tensor, position_ids: Tensor) -> Tensor:
     """``inputs`` through ``backbone``, written at ``cache.slot`` onwards: the last position's hidden state."""
-    mask = slot_mask(valid, cache.slot, inputs.shape[1], window, inputs.dtype)
+    if isinstance(windows, dict):
+        mask = {kind: slot_mask(valid, cache.slot, inputs.shape[1], window, inputs.dtype)
+                for kind, window in windows.items()}
+    else:
+        mask = slot_mask(valid, cache.slot, inputs.shape[1], windows, inputs.dtype)
     out = backbone(inputs_embeds=inputs, attention_mask=mask, position_ids=position_ids, use_cache=True,
                    **{keyword: cache})
     return out.last_hidden_state[:, -1]
@@ -159,9 +183,13 @@ def thoughtful_generate(
             with another shape (then with dynamic shapes); later calls reuse the graphs. Meant for GPUs, where
             the small steps are launch-bound. Default ``False``.
     """
+    check_numbers("thoughtful_generate", max_new_tokens=(max_new_tokens, "an integer >= 1"),
+                  thought_length=(thought_length, "an integer >= 1"), thought_temperature=(thought_temperature, ">= 0"),
+                  temperature=(temperature, ">= 0"), eos_token_id=(eos_token_id, "an integer >= 0 or None"),
+                  pad_token_id=(pad_token_id, "an integer >= 0"))
     lm: PreTrainedModel = causal_lm_of(model)
     check_supported(lm)
-    backbone, head, embed = decoder_of(lm), lm.get_output_embeddings(), lm.get_input_embeddings()
+    backbone, head, embed = decoder_of(lm), OutputProjection(lm), lm.get_input_embeddings()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     batch, prompt_length = input_ids.shape
@@ -171,7 +199,7 @@ def thoughtful_generate(
     cache = SlotCache(lm.config.get_text_config(decoder=True).num_hidden_layers, size, device, static=compile)
     valid = torch.ones(batch, size, dtype=torch.bool, device=device)
     valid[:, :prompt_length] = attention_mask.bool()
-    context = (backbone, cache_keyword(backbone), cache, valid, sliding_window(lm, size))
+    context = (backbone, cache_keyword(backbone), cache, valid, cache_windows(lm, size))
     decode = _compiled(device.type == "cuda") if compile else _forward
 
     def step(inputs: Tensor, position_ids: Tensor, slot: int) -> Tensor:

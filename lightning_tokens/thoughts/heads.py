@@ -46,7 +46,8 @@ class MixingHead(nn.Module):
     ``Linear(2d, d) -> ReLU -> Linear(d, d) -> ReLU -> Linear(d, 1, bias=False)``, the last layer zero,
     so ``w = 0`` and the mixed prediction is the base model's until training moves it. The mixed hidden
     state is ``(1 - w) * h_base + w * h_thought``; mixing the final hidden states before the (linear)
-    output layer equals mixing the logits, and needs one vocabulary projection instead of two.
+    output layer equals mixing the logits, and needs one vocabulary projection instead of two (under Gemma's
+    final logit soft cap, not linear, the mixed state's logits are capped as the model caps its own).
 
     Args:
         hidden_size: The model's hidden size ``d``.

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lightning_tokens.thoughts.heads import MixingHead
@@ -38,7 +38,7 @@ class QuietSTaRLoss:
     """The loss and its parts (scalars; all but ``loss`` detached).
 
     Attributes:
-        loss: ``nll + policy_weight * policy_loss``, with gradient.
+        loss: ``nll + policy_weight * policy_loss`` (plus ``router_loss`` when there is one), with gradient.
         nll: The weighted NLL.
         base_nll: Mean NLL of the model without thoughts.
         mixed_nll: Mean over talk steps of the mixed (with-thought) NLL.
@@ -47,6 +47,8 @@ class QuietSTaRLoss:
         reward: Mean reward ``r`` (log-likelihood gain of the mixed prediction over the base one).
         difficult_base_nll: Base NLL on the difficult tokens (top ``difficult_fraction`` of base loss).
         difficult_mixed_nll: Mixed NLL (talk step 0, mean over thoughts) on the same tokens.
+        router_loss: A mixture-of-experts model's router load-balancing term of the text pass
+            (``router_aux_loss_coef * aux_loss``, as its own forward on the batch adds it), or ``None``.
     """
 
     loss: Tensor
@@ -58,10 +60,11 @@ class QuietSTaRLoss:
     reward: Tensor
     difficult_base_nll: Tensor
     difficult_mixed_nll: Tensor
+    router_loss: Optional[Tensor] = None
 
     def metrics(self) -> dict[str, Tensor]:
-        """Every part by name, detached (for logging)."""
-        return {name: value.detach() for name, value in vars(self).items()}
+        """Every part there is by name, detached (for logging)."""
+        return {name: value.detach() for name, value in vars(self).items() if value is not None}
 
 
 def next_token_targets(input_ids: Tensor, attention_mask: Tensor, labels: Optional[Tensor] = None,
@@ -95,7 +98,7 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 def quiet_star_loss(
     passes: ThoughtPasses,
-    lm_head: nn.Module,
+    lm_head: Callable[[Tensor], Tensor],
     mixing_head: MixingHead,
     targets: Tensor,
     forbidden_ids: Tensor,
@@ -109,7 +112,9 @@ def quiet_star_loss(
 
     Args:
         passes: The hidden states and thoughts of :func:`parallel_thoughts`.
-        lm_head: The model's output layer.
+        lm_head: Hidden states to logits: the model's :class:`~lightning_tokens.lean_loss.OutputProjection`
+            (its output layer, then the post-processing some families apply: Cohere's ``logit_scale``, Granite's
+            ``logits_scaling``, Gemma's ``final_logit_softcapping``); a bare output layer leaves that out.
         mixing_head: The mixing head.
         targets: ``(B, L)`` from :func:`next_token_targets`.
         forbidden_ids: Token ids masked out of every distribution (the thought delimiters).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -12,10 +13,12 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_tokens.checkpoints import check_checkpoint_file
+from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.packing import is_packed, real_tokens, segment_ids
 from lightning_tokens.data.reasoning_task import check_answer
+from lightning_tokens.lean_loss import OutputProjection
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
-from lightning_tokens.optim import OptimizerConfig, configure, parameter_groups
+from lightning_tokens.optim import OptimizerConfig, ResumesExactly, configure, parameter_groups
 from lightning_tokens.quantization import restore_4bit_quant_states
 from lightning_tokens.sharding import (ClipsMixedGradients, average_gradients, call_as_forward, data_parallel_mesh,
                                        full_state_dict, is_sharded, shard_causal_lm, warn_if_fsdp1)
@@ -24,13 +27,14 @@ from lightning_tokens.thoughts.heads import MixingHead, ThoughtEmbeddings
 from lightning_tokens.thoughts.loss import QuietSTaRLoss, next_token_targets, quiet_star_loss
 from lightning_tokens.thoughts.parallel import check_supported, parallel_thoughts
 from lightning_tokens.thoughts.positions import ThinkAt, check_think_at, thought_candidates
+from lightning_tokens.token_loss import model_loss_terms, router_loss
 
 #: The paper's optimiser: AdamW at 1e-6, weight decay 0.001, 20 warm-up steps (then constant: the
 #: reference's linear decay over 100k steps is flat over its ~100 steps).
 PAPER_OPTIMIZER = OptimizerConfig(lr=1e-6, weight_decay=0.001, warmup=20, schedule="constant")
 
 
-class QuietSTaRModule(ClipsMixedGradients, LightningModule):
+class QuietSTaRModule(ResumesExactly, ClipsMixedGradients, LightningModule):
     """Quiet-STaR (Zelikman et al., 2024): the model learns to think before every token from plain text.
 
     After every position the model samples ``n_thoughts`` thoughts ``<sot> t_1 .. t_m <eot>`` in parallel
@@ -42,10 +46,16 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
     The start/end-of-thought tokens are added to the tokenizer (and to the embedding matrix when it has no
     free rows). Their input embeddings live in :class:`ThoughtEmbeddings`, trained ``embedding_scale``
     times faster, and are trainable under LoRA too, like the mixing head; both are saved in checkpoints.
+    Training thoughts are drawn from a generator seeded per batch (from a seed drawn at the first step and kept in
+    checkpoints), so a resumed run, mid-epoch too, thinks and trains as the uninterrupted run
+    (:class:`~lightning_tokens.optim.ResumesExactly`).
 
     Logged per training step: ``train/loss``, ``train/base_nll``, ``train/mixed_nll``, ``train/policy_loss``,
     ``train/mixing_weight``, ``train/reward``, ``train/difficult_base_nll`` and ``train/difficult_mixed_nll``
-    (NLL on the top decile of base loss). Validation logs the plain ``val/loss`` (no thoughts, comparable with
+    (NLL on the top decile of base loss). A mixture-of-experts model run with ``output_router_logits`` adds its
+    router load-balancing term of the text pass (the model's forward on the batch, ``router_aux_loss_coef *
+    aux_loss`` as transformers adds it; the thought passes' routing is not balanced) to the loss, logged as
+    ``train/router_loss``. Validation logs the plain ``val/loss`` (no thoughts, comparable with
     :class:`CausalLMModule`), the same parts with greedy thoughts under ``val/``, and ``val/exact_match`` of
     thoughtful generation when the batches carry answers.
 
@@ -109,14 +119,15 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
         think_at: ThinkAt = "all",
     ) -> None:
         super().__init__()
-        _check_positive(n_thoughts=n_thoughts, thought_length=thought_length, n_ahead_talk=n_ahead_talk,
-                        reinforce_temperature=reinforce_temperature, embedding_scale=embedding_scale)
-        for name, value in (("base_loss_weight", base_loss_weight), ("difficult_fraction", difficult_fraction)):
-            if not 0 <= value <= 1:
-                raise ValueError(f"QuietSTaRModule.{name} must be in [0, 1], got {value}")
-        if policy_weight < 0 or thought_temperature < 0:
-            raise ValueError("QuietSTaRModule.policy_weight and thought_temperature must be >= 0, "
-                             f"got {policy_weight} and {thought_temperature}")
+        check_numbers("QuietSTaRModule", n_thoughts=(n_thoughts, "an integer >= 1"),
+                      thought_length=(thought_length, "an integer >= 1"),
+                      n_ahead_talk=(n_ahead_talk, "an integer >= 1"),
+                      base_loss_weight=(base_loss_weight, "in [0, 1]"), policy_weight=(policy_weight, ">= 0"),
+                      reinforce_temperature=(reinforce_temperature, "> 0"),
+                      thought_temperature=(thought_temperature, ">= 0"), embedding_scale=(embedding_scale, "> 0"),
+                      max_new_tokens=(max_new_tokens, "an integer >= 0"),
+                      generation_batches=(generation_batches, "an integer >= 0 or None"),
+                      difficult_fraction=(difficult_fraction, "in [0, 1]"))
         if train_on not in ("all", "labels"):
             raise ValueError(f"QuietSTaRModule.train_on must be 'all' or 'labels', got {train_on!r}")
         self.spec = model if model is not None else ModelSpec()
@@ -148,6 +159,7 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
         self.val_loss = MeanMetric()
         self.val_parts = torch.nn.ModuleDict({name: MeanMetric() for name in _PARTS})
         self.val_exact_match = MeanMetric()
+        self._thought_seed: Optional[int] = None  # drawn at the first training step, kept in checkpoints
 
     # -- the method ------------------------------------------------------------------------------------
     @property
@@ -156,13 +168,24 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
         return causal_lm_of(self.model)
 
     def quiet_star(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor] = None,
-                   temperature: Optional[float] = None, position_ids: Optional[Tensor] = None) -> QuietSTaRLoss:
-        """The Quiet-STaR loss of a batch (thoughts sampled at ``temperature``, default the training one).
+                   temperature: Optional[float] = None, position_ids: Optional[Tensor] = None,
+                   generator: Optional[torch.Generator] = None) -> QuietSTaRLoss:
+        """The Quiet-STaR loss of a batch.
 
         A packed batch (``position_ids`` restarting at every sample, no ``attention_mask``) is thought about
         sample by sample: no thought or talk step reads or predicts another sample's tokens.
+
+        Args:
+            input_ids: ``(B, L)`` token ids.
+            attention_mask: ``(B, L)`` 1 on real tokens, or ``None`` (all real, or a packed batch).
+            labels: ``(B, L)`` labels, read with ``train_on="labels"``. Default ``None``.
+            temperature: Temperature the thoughts are sampled at. Default ``None``: ``thought_temperature``.
+            position_ids: ``(B, L)`` position ids of a packed batch. Default ``None``.
+            generator: Where the thoughts' samples are drawn from. Default ``None``: torch's global generator
+                (training steps pass one seeded per batch, so that a resumed run draws the same thoughts).
         """
-        return self._gathered(self._quiet_star, input_ids, attention_mask, labels, temperature, position_ids)[1]
+        return self._gathered(self._quiet_star, input_ids, attention_mask, labels, temperature, position_ids,
+                              generator)[1]
 
     def _gathered(self, function: Any, *args: Any) -> Any:
         """``function(*args)``; for a model sharded by FSDP2, run as its forward (the passes and generation call
@@ -172,10 +195,11 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
         return function(*args)
 
     def _quiet_star(self, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
-                    temperature: Optional[float], position_ids: Optional[Tensor]) -> tuple[Tensor, QuietSTaRLoss]:
+                    temperature: Optional[float], position_ids: Optional[Tensor],
+                    generator: Optional[torch.Generator]) -> tuple[Tensor, QuietSTaRLoss]:
         """:meth:`quiet_star`, returning ``(loss, output)``: the loss in a tuple, where FSDP2 registers its backward."""
         lm = self.lm
-        segments = None
+        segments, given_mask = None, attention_mask
         if attention_mask is None:
             if not is_packed(position_ids):
                 attention_mask = torch.ones_like(input_ids)
@@ -189,18 +213,22 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
             lm, input_ids, attention_mask, start, end,
             self.forbidden_ids, self.n_thoughts, self.thought_length, self.n_ahead_talk,
             temperature=self.thought_temperature if temperature is None else temperature,
-            pad_token_id=self.tokenizer.pad_token_id or 0, position_ids=position_ids if segments is not None else None,
-            think_at=self.think_at,
+            pad_token_id=self.tokenizer.pad_token_id or 0, generator=generator,
+            position_ids=position_ids if segments is not None else None, think_at=self.think_at,
             candidates=None if self.think_at == "all" else thought_candidates(targets, self.n_ahead_talk, segments),
         )
-        out = quiet_star_loss(passes, lm.get_output_embeddings(), self.mixing_head, targets, self.forbidden_ids,
+        out = quiet_star_loss(passes, OutputProjection(lm), self.mixing_head, targets, self.forbidden_ids,
                               self.n_thoughts, self.base_loss_weight, self.policy_weight,
                               self.reinforce_temperature, self.difficult_fraction)
+        # the router term the model's own forward on the batch adds (given mask: none when packed, as transformers)
+        router = router_loss(lm, passes.router_logits, given_mask)
+        if router is not None:
+            out.loss, out.router_loss = out.loss + router, router.detach()
         return out.loss, out
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.quiet_star(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"),
-                              position_ids=batch.get("position_ids"))
+                              position_ids=batch.get("position_ids"), generator=self._thought_generator(batch_idx))
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"Quiet-STaR loss is {out.loss.item()} at step {self.global_step}")
         self.log("train/loss", out.loss, prog_bar=True)
@@ -212,7 +240,8 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
     # -- validation ------------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         plain = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        self.val_loss.update(plain.loss, weight=(batch["labels"][:, 1:] != -100).sum())
+        nll = plain.loss - sum(model_loss_terms(self.model, plain).values())  # without a router term, as CausalLMModule
+        self.val_loss.update(nll, weight=(batch["labels"][:, 1:] != -100).sum())
         self.log("val/loss", self.val_loss, prog_bar=True)
         out = self.quiet_star(batch["input_ids"], batch["attention_mask"], batch.get("labels"), temperature=0.0)
         for name in _PARTS:
@@ -275,9 +304,24 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
 
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
-        return configure(self.optim, groups, int(self.trainer.estimated_stepping_batches))
+        return configure(self.optim, groups, self.total_training_steps())
+
+    def _thought_generator(self, batch_idx: int) -> torch.Generator:
+        """The generator of a training batch's thoughts, seeded by the run's thought seed, the epoch, the batch and the
+        rank: a resumed run samples what the uninterrupted one did, whatever else drew from torch's generators."""
+        if self._thought_seed is None:  # drawn from the global generator (seed_everything), the same on every rank
+            self._thought_seed = int(self.trainer.strategy.broadcast(int(torch.randint(2**62, ())), src=0))
+        key = f"{self._thought_seed}/{self.current_epoch}/{batch_idx}/{self.global_rank}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["thought_seed"] = self._thought_seed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._thought_seed = checkpoint.get("thought_seed")
         restore_4bit_quant_states(self, checkpoint.get("state_dict", {}))
 
     def export(self, path: str | Path) -> Path:
@@ -311,12 +355,6 @@ class QuietSTaRModule(ClipsMixedGradients, LightningModule):
 
 
 _PARTS = ("base_nll", "mixed_nll", "mixing_weight", "reward", "difficult_base_nll", "difficult_mixed_nll")
-
-
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"QuietSTaRModule.{name} must be positive, got {value}")
 
 
 def _initial_embedding(lm, tokenizer, text: str) -> Tensor:

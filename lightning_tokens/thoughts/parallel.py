@@ -19,15 +19,17 @@ Pass count for ``thought_length`` sampled tokens and ``n_ahead_talk`` talk steps
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from lightning_tokens.data.packing import segment_ids
-from lightning_tokens.modeling import decoder_of
+from lightning_tokens.lean_loss import HeadInputCapture, OutputProjection, UnsupportedLogits
+from lightning_tokens.modeling import decoder_layers, decoder_of
 from lightning_tokens.thoughts.attention import DEFAULT_QUERY_CHUNK, ThoughtPassState, thought_attention_mode
 from lightning_tokens.thoughts.positions import ThinkAt, ThoughtPositions, choose_positions, next_token_entropy
 
@@ -50,6 +52,8 @@ class ThoughtPasses:
             never predicts a token of the next sample. Default ``None``.
         positions: The positions thought at (slot ``p`` of every ``(B * n, P)`` tensor is position
             ``positions.index[b, p]``), or ``None``: every position, slot ``i`` being position ``i``. Default ``None``.
+        router_logits: Per MoE layer ``(B * L, experts)`` router logits of the text pass, for a mixture-of-experts
+            model run with ``output_router_logits`` (the thought passes collect none), else ``None``. Default ``None``.
     """
 
     base_hidden: Tensor
@@ -59,10 +63,14 @@ class ThoughtPasses:
     attention_mask: Optional[Tensor] = None
     segments: Optional[Tensor] = None
     positions: Optional[ThoughtPositions] = None
+    router_logits: Optional[tuple[Tensor, ...]] = None
 
 
 def check_supported(lm: PreTrainedModel) -> None:
-    """Raise a clear error for settings the thought passes cannot run under."""
+    """Raise a clear error for settings the thought passes cannot run under, and for a model whose attention they
+    cannot take over (every decoder layer must call transformers' attention interface, without attention sinks or a
+    bias added to its mask, full or sliding-window attention) or whose logits :class:`OutputProjection` does not
+    reproduce: checked once per model and attention implementation, by a forward of two tokens."""
     implementation = getattr(lm.config, "_attn_implementation", None)
     if implementation is not None and "flash" in implementation:
         raise ValueError(f"Quiet-STaR: attn_implementation {implementation!r} cannot take the 4D thought mask; "
@@ -71,6 +79,85 @@ def check_supported(lm: PreTrainedModel) -> None:
     if checkpointing is not None and checkpointing.fget(lm):
         raise ValueError("Quiet-STaR: gradient checkpointing re-runs each layer in the backward, outside the "
                          "thought passes whose keys it needs; set ModelSpec.gradient_checkpointing to false")
+    if lm not in _interface_checked or _interface_checked[lm] != implementation:
+        _check_attention_interface(lm)
+        _interface_checked[lm] = implementation
+
+
+#: Models (and the attention implementation) whose every layer was seen to call transformers' attention interface.
+_interface_checked: "weakref.WeakKeyDictionary[nn.Module, Optional[str]]" = weakref.WeakKeyDictionary()
+_PROBE = "lightning_tokens_thoughts_probe"
+_probe_calls: list[nn.Module] = []
+_probe_options: set[str] = set()
+#: Options of transformers' attention functions the thought attention does not apply: attention sinks (gpt-oss).
+_UNAPPLIED = {"s_aux": "attention sinks (s_aux)", "sinks": "attention sinks (sinks)"}
+_BIASED = "a bias added to its attention mask (ALiBi)"
+
+
+def _probe_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any = None,
+                     *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+    """Records the call, the options it takes that the thought attention would drop and a mask that is not a plain
+    one (an additive mask must be 0 wherever it is not a large negative); a zero output of the right shape."""
+    _probe_calls.append(module)
+    _probe_options.update(text for name, text in _UNAPPLIED.items() if kwargs.get(name) is not None)
+    if isinstance(attention_mask, Tensor) and attention_mask.is_floating_point():
+        hidden = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+        if bool((attention_mask.masked_fill(hidden, 0) != 0).any()):
+            _probe_options.add(_BIASED)
+    return value.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
+
+
+def _check_attention_interface(lm: PreTrainedModel) -> None:
+    """Refuse a model some of whose layers do not call transformers' attention interface (Falcon's own attention,
+    recurrent layers): the thought passes swap their attention in there, so such a layer would read every
+    branch's tokens unmasked. A forward of two tokens, under ``no_grad``, with a probe swapped in the same way; its
+    last position's logits are compared with :class:`OutputProjection`'s (the passes project hidden states with it)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(_PROBE, _probe_attention)
+    AttentionMaskInterface.register(_PROBE, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    config, error = lm.config, None
+    previous = config._attn_implementation
+    device = lm.get_input_embeddings().weight.device
+    _probe_calls.clear()
+    _probe_options.clear()
+    config._attn_implementation = _PROBE
+    capture, logits = HeadInputCapture(lm), None
+    capture.start(keep_last=True)
+    try:
+        with torch.no_grad():
+            logits = lm(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False).logits
+    except Exception as failure:  # noqa: BLE001 - a layer that skips the interface may fail on the probe's mask
+        error = failure
+    finally:
+        config._attn_implementation = previous
+        hidden = capture.stop()
+    called = {id(module) for module in _probe_calls}
+    _probe_calls.clear()
+    missing = [i for i, layer in enumerate(decoder_layers(lm)) if not any(id(m) in called for m in layer.modules())]
+    if not missing and error is not None:
+        raise error
+    model_type = getattr(config, "model_type", type(lm).__name__)
+    if _probe_options:
+        raise ValueError(f"Quiet-STaR: the attention of model type {model_type!r} uses "
+                         f"{', '.join(sorted(_probe_options))}, which the thought passes' attention does not apply; "
+                         "use another model (llama, qwen2, mistral, gemma2, gemma3...)")
+    if missing:
+        failed = f" (the probe forward failed: {type(error).__name__}: {error})" if error is not None else ""
+        raise ValueError(f"Quiet-STaR: the attention of model type {model_type!r} does not go through transformers' "
+                         f"attention interface in decoder layers {missing}{failed}, so the thought passes cannot "
+                         "mask it; use a model whose attention does (llama, qwen2, mistral, gemma, phi3...)")
+    layer_windows(lm)  # refuses a kind of layer it does not know
+    if hidden is None or logits is None:
+        raise ValueError(f"Quiet-STaR: the causal LM of model type {model_type!r} did not call its output layer "
+                         "(get_output_embeddings()) in its forward; the thought passes project hidden states with it")
+    try:
+        OutputProjection(lm).check(hidden[..., -1:, :], logits[..., -1:, :])
+    except UnsupportedLogits as unsupported:
+        raise ValueError(f"Quiet-STaR: model type {model_type!r} post-processes its logits after the output layer in "
+                         "a way the thought passes do not reproduce (they apply Cohere's logit_scale, Granite's "
+                         "logits_scaling and Gemma's final_logit_softcapping)") from unsupported
 
 
 def positions_of(attention_mask: Tensor) -> Tensor:
@@ -78,9 +165,11 @@ def positions_of(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def text_mask(attention_mask: Tensor, sliding_window: Optional[int] = None, segments: Optional[Tensor] = None) -> Tensor:
+def text_mask(attention_mask: Tensor, sliding_window: Optional[int] = None,
+              segments: Optional[Tensor] = None) -> Tensor:
     """``(B, L, L)`` bool: query ``i`` may read key ``j`` (causal, real keys of its own sample when ``segments``
-    number the samples of packed rows; always itself, so no row is empty)."""
+    number the samples of packed rows, within ``sliding_window`` when given; always itself, so no row is empty).
+    The thought passes take it without a window and apply each layer's own (see :func:`layer_windows`)."""
     length = attention_mask.shape[-1]
     index = torch.arange(length, device=attention_mask.device)
     allowed = (index[None, :] <= index[:, None])[None] & attention_mask.bool()[:, None, :]
@@ -91,12 +180,26 @@ def text_mask(attention_mask: Tensor, sliding_window: Optional[int] = None, segm
     return allowed | torch.eye(length, dtype=torch.bool, device=attention_mask.device)[None]
 
 
-def sliding_window(lm: PreTrainedModel, length: int) -> Optional[int]:
-    """The model's sliding attention window where it is on and shorter than ``length``, else ``None``."""
-    window = getattr(lm.config, "sliding_window", None)
-    if window is None or getattr(lm.config, "use_sliding_window", True) is False:
-        return None
-    return window if length > window else None
+def layer_windows(lm: PreTrainedModel) -> list[Optional[int]]:
+    """Each decoder layer's sliding attention window (``None``: full attention), as transformers' masks apply them:
+    by ``config.layer_types`` where the config lists them (Gemma 2/3 and Cohere 2 alternate), else
+    ``config.sliding_window`` in every layer unless ``use_sliding_window`` is false.
+
+    Raises:
+        ValueError: A layer type other than full and sliding-window attention (Llama 4's chunked attention).
+    """
+    config = lm.config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise ValueError(f"Quiet-STaR: config.layer_types of model type {config.model_type!r} holds {unknown}; the "
+                             "thought passes' attention knows full_attention and sliding_attention only")
+        return [window if kind == "sliding_attention" else None for kind in types]
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        window = None
+    return [window] * len(decoder_layers(lm))
 
 
 def sample_tokens(logits: Tensor, temperature: float, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -156,23 +259,32 @@ def parallel_thoughts(
         candidates: ``(B, L)`` bool positions ``think_at`` may choose. Default ``None``: every real position.
     """
     check_supported(lm)
-    backbone, head, embed = decoder_of(lm), lm.get_output_embeddings(), lm.get_input_embeddings()
+    backbone, head, embed = decoder_of(lm), OutputProjection(lm), lm.get_input_embeddings()
     batch, length = input_ids.shape
     n = n_thoughts
     segments = None if position_ids is None else segment_ids(position_ids)
     positions = positions_of(attention_mask) if position_ids is None else position_ids
-    allowed = text_mask(attention_mask, sliding_window(lm, length), segments)
+    allowed = text_mask(attention_mask, segments=segments)
     embeds = embed(input_ids)
     dtype = embeds.dtype
-    state = ThoughtPassState(allowed, query_chunk, capacity=thought_length + n_ahead_talk + 1)
+    windows = {layer: window for layer, window in enumerate(layer_windows(lm)) if window is not None}
+    state = ThoughtPassState(allowed, query_chunk, capacity=thought_length + n_ahead_talk + 1, sliding_windows=windows)
     chosen: Optional[ThoughtPositions] = None
     branch_positions = positions
 
+    routed = bool(getattr(lm.config.get_text_config(), "output_router_logits", False))
+    router_logits = None
+
     def step(inputs: Tensor, pass_index: int) -> Tensor:
         """Pass ``pass_index``: the text (0, ``B`` rows) or a thought or talk pass at positions ``i + k``."""
+        nonlocal router_logits
         state.pass_index = pass_index
         position_ids = positions if pass_index == 0 else branch_positions.repeat_interleave(n, 0) + pass_index
-        return backbone(inputs_embeds=inputs, position_ids=position_ids, use_cache=False).last_hidden_state
+        routing = {"output_router_logits": pass_index == 0} if routed else {}
+        output = backbone(inputs_embeds=inputs, position_ids=position_ids, use_cache=False, **routing)
+        if routed and pass_index == 0:
+            router_logits = output.router_logits
+        return output.last_hidden_state
 
     rows = batch * n
     thought_hidden: list[Tensor] = []
@@ -183,7 +295,7 @@ def parallel_thoughts(
             entropy = next_token_entropy(head, base_hidden, forbidden_ids)
             chosen = choose_positions(entropy, attention_mask.bool() if candidates is None else candidates, think_at)
             branch_positions = chosen.take(positions)
-            state.query_allowed = chosen.take(allowed)
+            state.query_allowed, state.query_index = chosen.take(allowed), chosen.index
         slots = length if chosen is None else chosen.index.shape[1]
         inputs = start_embedding.to(dtype).expand(rows, slots, -1)
         for pass_index in range(1, thought_length + 2):
@@ -204,4 +316,5 @@ def parallel_thoughts(
                 shifted = chosen.take(input_ids, shift, pad_token_id)
             talk_hidden.append(step(embed(shifted.repeat_interleave(n, 0)), pass_index + shift))
     thought_tokens = torch.stack(tokens, -1) if tokens else input_ids.new_zeros(rows, slots, 0)
-    return ThoughtPasses(base_hidden, thought_hidden, thought_tokens, talk_hidden, attention_mask, segments, chosen)
+    return ThoughtPasses(base_hidden, thought_hidden, thought_tokens, talk_hidden, attention_mask, segments, chosen,
+                         router_logits)

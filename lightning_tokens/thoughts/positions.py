@@ -12,10 +12,10 @@ some talk step has a target of its own sample: a thought anywhere else could not
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 IGNORE_INDEX = -100
 
@@ -85,9 +85,11 @@ def thought_candidates(targets: Tensor, n_ahead_talk: int, segments: Optional[Te
 
 
 @torch.no_grad()
-def next_token_entropy(head: nn.Module, hidden: Tensor, forbidden_ids: Tensor, chunk: int = 1024) -> Tensor:
+def next_token_entropy(head: Callable[[Tensor], Tensor], hidden: Tensor, forbidden_ids: Tensor,
+                       chunk: int = 1024) -> Tensor:
     """``(B, L)`` float32 entropy of ``softmax(head(hidden))`` with ``forbidden_ids`` masked out, computed ``chunk``
-    positions at a time (no ``(B, L, V)`` logits held at once)."""
+    positions at a time (no ``(B, L, V)`` logits held at once); ``head`` maps hidden states to logits (the model's
+    :class:`~lightning_tokens.lean_loss.OutputProjection`)."""
     flat = hidden.flatten(0, 1)
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, flat.shape[0], chunk):
