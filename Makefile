@@ -1,6 +1,6 @@
 # Commands on a fresh machine:
 #   make quickstart   install, then train the tiny model on the embedded reasoning task (CPU, minutes)
-#   make test         install the pinned versions (requirements-ci.txt), then run the whole test suite
+#   make test         install the pinned versions (requirements-ci.txt), then lint (ruff) and run the whole suite
 #   make test-latest  the same suite on the newest versions pyproject.toml allows (what `pip install -e .` gives)
 VENV ?= .venv
 LATEST_VENV ?= .venv-latest
@@ -8,7 +8,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 # The newest torch on PyPI is a multi-GB CUDA build: the latest set keeps the pinned CPU wheel.
 TORCH_PIN := $(shell grep -E '^torch==' requirements-ci.txt)
-PYTEST_ARGS := -q -p no:cacheprovider --nbmake tests notebooks
+PYTEST_ARGS := -q -p no:cacheprovider --nbmake tests experiments notebooks
 
 .PHONY: install install-latest quickstart test test-latest benchmarks clean
 
@@ -31,15 +31,17 @@ quickstart: install
 	$(VENV)/bin/lightning-tokens fit --config configs/sft/tiny.yaml
 
 test: install
+	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-latest: install-latest
 	@echo "newest allowed versions:"; grep -iE '^(torch|lightning|torchmetrics|transformers|tokenizers|peft|bitsandbytes|jsonargparse|datasets)==' $(LATEST_VENV)/versions.txt
+	$(LATEST_VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 benchmarks: install
-	$(PY) benchmarks/sft_main_job.py
-	$(PY) benchmarks/memory_footprint.py
+	$(PY) -m benchmarks.sft_speed
+	$(PY) -m benchmarks.quantization_memory
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) runs .pytest_cache

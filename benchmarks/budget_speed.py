@@ -9,8 +9,9 @@ predictor over its 151,936-token vocabulary. The settings run in rounds (one run
 round warms up): tokens per second come from the median time over ``--repeats`` rounds, an overhead is the
 median over rounds of guided time / unguided time in the same round.
 
-    python benchmarks/budget_speed.py --model runs/budget-experiment/sft-model --predictor runs/budget-experiment/predictor.pt
-    python benchmarks/budget_speed.py --qwen-shaped
+    python -m benchmarks.budget_speed --model runs/budget-experiment/sft-model \
+        --predictor runs/budget-experiment/predictor.pt
+    python -m benchmarks.budget_speed --qwen-shaped
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def bench(name, model, predictor, tokenizer, prompts, new_tokens, repeats, relax
         for _ in range(repeats + 1):
             times["unguided"].append(timed_generate(model, enc, new_tokens, []))
             for steps in guided_steps:
-                with BudgetGuidanceLogitsProcessor(model, predictor, tokenizer, 10_000, steps=steps, **thresholds) as guide:
+                guide = BudgetGuidanceLogitsProcessor(model, predictor, tokenizer, 10_000, steps=steps, **thresholds)
+                with guide:
                     times[steps].append(timed_generate(model, enc, new_tokens, [guide]))
                 guided_steps[steps] += guide.guided_steps
         plain = statistics.median(times["unguided"][1:])

@@ -25,17 +25,19 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lightning_tokens.data.encode import Encoded, SFTCollator  # noqa: E402
-from lightning_tokens.data.packing import (PackedCollator, PackedRows, PaddingFreeCollator, model_inputs,  # noqa: E402
-                                           real_token_count)
+from benchmarks.common import ratio
+from lightning_tokens.data.encode import Encoded, SFTCollator
+from lightning_tokens.data.packing import (
+    PackedCollator,
+    PackedRows,
+    PaddingFreeCollator,
+    model_inputs,
+    real_token_count,
+)
 
 
 def embedded_samples(tokenizer, easy: bool = False) -> tuple[list, int]:
@@ -149,7 +151,7 @@ def main() -> None:
             other = results[layout]
             print(f"{kind}: padding {padded['padding_share']:.1%} padded, {other['padding_share']:.1%} {layout}; "
                   f"real tokens/s {padded['tokens_per_s']:.0f} -> {other['tokens_per_s']:.0f}: "
-                  f"{layout}/padded = {other['tokens_per_s'] / padded['tokens_per_s']:.2f}x", flush=True)
+                  f"{layout}/padded = {ratio(other['tokens_per_s'], padded['tokens_per_s'])}", flush=True)
 
 
 if __name__ == "__main__":

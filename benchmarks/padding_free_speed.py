@@ -17,13 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from pretrained_base import ROOT, BaseSettings  # noqa: E402
+from experiments.base import ROOT, BaseSettings
 
 
 def main() -> None:
@@ -36,12 +31,12 @@ def main() -> None:
     import torch
     from lightning.pytorch.callbacks import Timer
 
-    from protocols import jobs, sstoken
+    from experiments.protocols import jobs, sstoken
 
     torch.set_num_threads(1)
     base = ROOT / BaseSettings().resolved().key() / "model"
     if not base.is_dir():
-        raise SystemExit(f"{base}: no evidence base; build it with benchmarks/evidence.py base")
+        raise SystemExit(f"{base}: no evidence base; build it with python -m experiments.evidence base")
     trainer = jobs.cpu_trainer
     for layout in ("padded", "lean"):
         clock = Timer()  # one validation, at the end of the epoch, inside the fit's training stage

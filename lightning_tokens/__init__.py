@@ -12,6 +12,8 @@ from lightning_tokens.budget import (
 )
 from lightning_tokens.data.module import SFTDataModule
 from lightning_tokens.data.packing import PackedCollator, PackingError
+from lightning_tokens.data.reasoning_task import ReasoningTask
+from lightning_tokens.data.tokenizer import load_task_tokenizer
 from lightning_tokens.heads import (
     ConceptAwareFineTuning,
     MultiTokenHeads,
@@ -20,18 +22,23 @@ from lightning_tokens.heads import (
     generate_with_heads,
     self_distill,
 )
-from lightning_tokens.data.reasoning_task import ReasoningTask, check_answer, extract_answer
-from lightning_tokens.data.tokenizer import load_task_tokenizer
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
 from lightning_tokens.module import CausalLMModule
 from lightning_tokens.optim import OptimizerConfig, ResumesExactly
 from lightning_tokens.predict import PredictionWriter
 from lightning_tokens.quantization import keep_4bit_weights_unpacked
+from lightning_tokens.reasoning import check_answer, extract_answer
 from lightning_tokens.selection import TokenSelection
 from lightning_tokens.thoughts import QuietSTaRModule, thoughtful_generate
 from lightning_tokens.thoughts.data import PlainTextDataModule
-from lightning_tokens.token_loss import (LogitsNotKept, PlainLoss, TokenLossCallback, TokenLossContext,
-                                         TokenLossDispatcher, UnsupportedLoss)
+from lightning_tokens.token_loss import (
+    LogitsNotKept,
+    PlainLoss,
+    TokenLossCallback,
+    TokenLossContext,
+    TokenLossDispatcher,
+    UnsupportedLoss,
+)
 
 __version__ = "0.1.0"
 

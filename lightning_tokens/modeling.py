@@ -368,9 +368,81 @@ def causal_lm_of(model: nn.Module) -> PreTrainedModel:
     raise ValueError(f"no Hugging Face causal LM found inside {type(model).__name__}")
 
 
+def find_causal_lm(pl_module: nn.Module, attribute: Optional[str] = None) -> nn.Module:
+    """The transformers causal LM a LightningModule trains.
+
+    Args:
+        pl_module: The LightningModule.
+        attribute: Dotted attribute path to the model inside ``pl_module`` (``"model"``, ``"net.lm"``).
+            Default ``None``: the module's only Hugging Face causal LM, or, when it holds several (a frozen
+            teacher beside the student, say), the only one with trainable parameters.
+
+    Raises:
+        ValueError: No causal LM, or several and not exactly one of them trainable: the message lists them
+            by attribute path, to pass one as ``model_attribute``.
+    """
+    if attribute is not None:
+        target: Any = pl_module
+        for part in attribute.split("."):
+            if not hasattr(target, part):
+                raise AttributeError(f"{type(pl_module).__name__} has no attribute path {attribute!r} (at {part!r})")
+            target = getattr(target, part)
+        return causal_lm_of(target)
+    candidates = _causal_lms(pl_module)
+    if len(candidates) == 1:
+        return candidates[0][1]
+    if not candidates:
+        raise ValueError(f"no Hugging Face causal LM found inside {type(pl_module).__name__}")
+    trainable = [model for _, model in candidates if any(p.requires_grad for p in model.parameters())]
+    if len(trainable) == 1:
+        return trainable[0]
+    listing = ", ".join(f"{path!r} ({'trainable' if model in trainable else 'frozen'})" for path, model in candidates)
+    raise ValueError(f"{type(pl_module).__name__} holds {len(candidates)} causal LMs: {listing}, and "
+                     f"{'none' if not trainable else len(trainable)} of them trainable, so which one trains is "
+                     "ambiguous; name it with the callback's model_attribute (e.g. model_attribute="
+                     f"{candidates[0][0]!r})")
+
+
+def _causal_lms(pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every outermost Hugging Face causal LM in ``pl_module``, by the shortest attribute path that reaches it."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in pl_module.named_modules():
+        if not isinstance(module, PreTrainedModel) or module.get_output_embeddings() is None:
+            continue
+        if any(m is module or name.startswith(path + ".") for path, m in found):
+            continue
+        parts = name.split(".")
+        # A PEFT wrapper hides the model at ``<attr>.base_model.model``: name the attribute the user set.
+        path = next(".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                    if causal_lm_of(pl_module.get_submodule(".".join(parts[:i]))) is module)
+        found.append((path, module))
+    return found
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` holds bitsandbytes-quantized weights."""
     return bool(getattr(causal_lm_of(model), "is_quantized", False))
+
+
+def peft_model_of(model: nn.Module) -> Optional[nn.Module]:
+    """The PEFT wrapper (a ``peft.PeftModel``, e.g. from :func:`apply_lora`) in ``model``, else ``None``.
+
+    Args:
+        model: A causal LM, plain or PEFT-wrapped, or a module holding one (a LightningModule): the first
+            ``PeftModel`` among ``model`` and its submodules is returned.
+    """
+    from peft import PeftModel
+
+    return next((module for module in model.modules() if isinstance(module, PeftModel)), None)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is or holds a PEFT wrapper (see :func:`peft_model_of`).
+
+    Args:
+        model: A causal LM, plain or PEFT-wrapped, or a module holding one.
+    """
+    return peft_model_of(model) is not None
 
 
 def inference_kwargs(model: nn.Module) -> dict[str, Any]:

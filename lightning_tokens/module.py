@@ -10,15 +10,30 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
 from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.packing import batch_is_packed, model_inputs, real_token_count
-from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, extract_answer, is_correct, thinking_length
-from lightning_tokens.modeling import ModelSpec, base_reference, inference_kwargs, is_quantized, load_causal_lm
+from lightning_tokens.lean_loss import IGNORE_INDEX
+from lightning_tokens.modeling import (
+    ModelSpec,
+    base_reference,
+    inference_kwargs,
+    is_peft_model,
+    is_quantized,
+    load_causal_lm,
+)
 from lightning_tokens.optim import OptimizerConfig, ResumesExactly, configure, parameter_groups
 from lightning_tokens.quantization import restore_4bit_quant_states
-from lightning_tokens.sharding import (ClipsMixedGradients, data_parallel_mesh, full_state_dict, is_sharded,
-                                       shard_causal_lm, warn_if_fsdp1)
+from lightning_tokens.reasoning import THINK_END, THINK_START, extract_answer, is_correct, thinking_length
+from lightning_tokens.sharding import (
+    ClipsMixedGradients,
+    data_parallel_mesh,
+    full_state_dict,
+    is_sharded,
+    shard_causal_lm,
+    warn_if_fsdp1,
+)
 from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, PlainLoss, TokenLossDispatcher, model_loss_terms
 
 
@@ -73,27 +88,32 @@ class CausalLMModule(ResumesExactly, ClipsMixedGradients, LightningModule):
         self._step_started: Optional[float] = None
 
     # -- training --------------------------------------------------------------------------------------
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
+    @override
     def setup(self, stage: str) -> None:
         # Plain SFT goes through the loss dispatcher too (a handler that changes nothing), for the lean loss.
         if stage == "fit":
             self._plain_loss = PlainLoss(self.keep_logits)
             TokenLossDispatcher.for_model(self.model).add(self._plain_loss)
 
+    @override
     def teardown(self, stage: str) -> None:
         plain = getattr(self, "_plain_loss", None)
         if stage == "fit" and plain is not None:
             TokenLossDispatcher.for_model(self.model).remove(plain)
             self._plain_loss = None
 
+    @override
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         self._step_started = time.perf_counter()
         if getattr(self, "_plain_loss", None) is not None:
             TokenLossDispatcher.for_model(self.model).expect_packed = batch_is_packed(batch)
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Padded batches carry an attention mask, packed ones (SFTDataModule(packing=True)) position ids instead.
         outputs = self.model(**model_inputs(batch))
@@ -107,6 +127,7 @@ class CausalLMModule(ResumesExactly, ClipsMixedGradients, LightningModule):
             self.log("train/router_loss", router.detach())
         return loss
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         if getattr(self, "_plain_loss", None) is not None:
             TokenLossDispatcher.for_model(self.model).expect_packed = False
@@ -117,9 +138,11 @@ class CausalLMModule(ResumesExactly, ClipsMixedGradients, LightningModule):
         self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True)
 
     # -- validation, test and predict -----------------------------------------------------------------
+    @override
     def on_validation_start(self) -> None:
         self._refuse_shortest_only()
 
+    @override
     def on_test_start(self) -> None:
         self._refuse_shortest_only()
 
@@ -129,15 +152,19 @@ class CausalLMModule(ResumesExactly, ClipsMixedGradients, LightningModule):
             raise ValueError("CausalLMModule.generation_batches with SFTDataModule(eval_by_length=True) would score "
                              "only the shortest held-out samples; unset one of them")
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
 
+    @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "test")
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity("val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_perplexity("test")
 
@@ -148,7 +175,7 @@ class CausalLMModule(ResumesExactly, ClipsMixedGradients, LightningModule):
         """
         # a packed batch of a loader of your own carries use_cache=False: a cache would hide its sample boundaries
         outputs = self.model(**model_inputs(batch))
-        targets = (batch["labels"][:, 1:] != -100).sum()
+        targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         # the next-token loss alone: without the router term a mixture-of-experts model adds to its own loss
         nll = outputs.loss - sum(model_loss_terms(self.model, outputs).values())
         self.val_loss.update(nll, weight=targets)
@@ -177,6 +204,7 @@ class CausalLMModule(ResumesExactly, ClipsMixedGradients, LightningModule):
         if self.val_thinking_length.update_count:
             self.log(f"{stage}/thinking_length", self.val_thinking_length)
 
+    @override
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
         """Greedy completions of a batch's prompts (``SFTDataModule.predict_dataloader``), one dict per row:
         ``prompt``, ``completion`` (the generated text), ``answer`` (the final answer extracted from it, or
@@ -222,6 +250,7 @@ class CausalLMModule(ResumesExactly, ClipsMixedGradients, LightningModule):
         return completions
 
     # -- optimisation ----------------------------------------------------------------------------------
+    @override
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``, shard the model with FSDP2 (see :mod:`lightning_tokens.sharding`):
         each decoder layer, then the whole model, on the data-parallel mesh; the blocks of auxiliary heads a callback
@@ -236,10 +265,12 @@ class CausalLMModule(ResumesExactly, ClipsMixedGradients, LightningModule):
             blocks = () if heads is None else tuple(heads.blocks)
             shard_causal_lm(self.model, mesh, self.trainer.precision, blocks)
 
+    @override
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
         return configure(self.optim, groups, self.total_training_steps())
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         restore_4bit_quant_states(self, checkpoint.get("state_dict", {}))
@@ -284,7 +315,7 @@ class CausalLMModule(ResumesExactly, ClipsMixedGradients, LightningModule):
                 raise ValueError("export(merge_lora=True): the base weights are quantized; merging into 4/8-bit "
                                  "weights is lossy. Reload the base unquantized with the adapters and merge there.")
             model = copy.deepcopy(model).merge_and_unload()
-        if hasattr(model, "peft_config"):
+        if is_peft_model(model):
             _save_adapters(model, self.tokenizer, base_reference(self.spec), path)
         else:
             model.save_pretrained(path)
@@ -296,7 +327,7 @@ class CausalLMModule(ResumesExactly, ClipsMixedGradients, LightningModule):
 
         state = full_state_dict(self.model)
         if dist.get_rank() == 0:
-            if hasattr(self.model, "peft_config"):
+            if is_peft_model(self.model):
                 with torch.random.fork_rng():  # building the twin draws adapter initialisations
                     twin, _ = load_causal_lm(self.spec)
                 twin.load_state_dict(state)

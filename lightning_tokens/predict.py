@@ -9,6 +9,7 @@ from typing import Any, Optional, TextIO
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -29,6 +30,7 @@ class PredictionWriter(BasePredictionWriter):
         self.rows = 0
         self._handle: Optional[TextIO] = None
 
+    @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         path = self.path
         if trainer.world_size > 1:
@@ -36,6 +38,7 @@ class PredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._handle, self.written, self.rows = path.open("w", encoding="utf-8"), path, 0
 
+    @override
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         for row in prediction:
@@ -43,6 +46,7 @@ class PredictionWriter(BasePredictionWriter):
             self.rows += 1
         self._handle.flush()
 
+    @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._handle is not None:
             self._handle.close()

@@ -33,16 +33,32 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from typing_extensions import override
 
 from lightning_tokens.checks import check_numbers
-from lightning_tokens.data.packing import (PackingError, batch_is_packed, check_packed_forward, flash_attention_kwargs,
-                                           is_packed, real_tokens, restarts_between_real_tokens,
-                                           runs_flash_attention, segment_ids)
-from lightning_tokens.lean_loss import (DEFAULT_CHUNK, IGNORE_INDEX, HeadInputCapture, OutputProjection,
-                                        UnsupportedLogits, chunked_cross_entropy, is_checked, shifted_targets,
-                                        token_cross_entropy)
-from lightning_tokens.modeling import causal_lm_of
+from lightning_tokens.data.packing import (
+    PackingError,
+    batch_is_packed,
+    check_packed_forward,
+    flash_attention_kwargs,
+    is_packed,
+    real_tokens,
+    restarts_between_real_tokens,
+    runs_flash_attention,
+    segment_ids,
+)
+from lightning_tokens.lean_loss import (
+    DEFAULT_CHUNK,
+    IGNORE_INDEX,
+    HeadInputCapture,
+    OutputProjection,
+    UnsupportedLogits,
+    chunked_cross_entropy,
+    is_checked,
+    shifted_targets,
+    token_cross_entropy,
+)
+from lightning_tokens.modeling import causal_lm_of, find_causal_lm
 from lightning_tokens.quantization import keep_4bit_weights_unpacked
 from lightning_tokens.sharding import warn_if_fsdp1
 
@@ -605,57 +621,6 @@ class PlainLoss:
         pass
 
 
-def find_causal_lm(pl_module: LightningModule, attribute: Optional[str] = None) -> nn.Module:
-    """The transformers causal LM a LightningModule trains.
-
-    Args:
-        pl_module: The LightningModule.
-        attribute: Dotted attribute path to the model inside ``pl_module`` (``"model"``, ``"net.lm"``).
-            Default ``None``: the module's only Hugging Face causal LM, or, when it holds several (a frozen
-            teacher beside the student, say), the only one with trainable parameters.
-
-    Raises:
-        ValueError: No causal LM, or several and not exactly one of them trainable: the message lists them
-            by attribute path, to pass one as ``model_attribute``.
-    """
-    if attribute is not None:
-        target: Any = pl_module
-        for part in attribute.split("."):
-            if not hasattr(target, part):
-                raise AttributeError(f"{type(pl_module).__name__} has no attribute path {attribute!r} (at {part!r})")
-            target = getattr(target, part)
-        return causal_lm_of(target)
-    candidates = _causal_lms(pl_module)
-    if len(candidates) == 1:
-        return candidates[0][1]
-    if not candidates:
-        raise ValueError(f"no Hugging Face causal LM found inside {type(pl_module).__name__}")
-    trainable = [model for _, model in candidates if any(p.requires_grad for p in model.parameters())]
-    if len(trainable) == 1:
-        return trainable[0]
-    listing = ", ".join(f"{path!r} ({'trainable' if model in trainable else 'frozen'})" for path, model in candidates)
-    raise ValueError(f"{type(pl_module).__name__} holds {len(candidates)} causal LMs: {listing}, and "
-                     f"{'none' if not trainable else len(trainable)} of them trainable, so which one trains is "
-                     "ambiguous; name it with the callback's model_attribute (e.g. model_attribute="
-                     f"{candidates[0][0]!r})")
-
-
-def _causal_lms(pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every outermost Hugging Face causal LM in ``pl_module``, by the shortest attribute path that reaches it."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in pl_module.named_modules():
-        if not isinstance(module, PreTrainedModel) or module.get_output_embeddings() is None:
-            continue
-        if any(m is module or name.startswith(path + ".") for path, m in found):
-            continue
-        parts = name.split(".")
-        # A PEFT wrapper hides the model at ``<attr>.base_model.model``: name the attribute the user set.
-        path = next(".".join(parts[:i]) for i in range(1, len(parts) + 1)
-                    if causal_lm_of(pl_module.get_submodule(".".join(parts[:i]))) is module)
-        found.append((path, module))
-    return found
-
-
 class TokenLossCallback(Callback):
     """Base class of callbacks that reshape the per-token training loss of a causal LM.
 
@@ -681,11 +646,13 @@ class TokenLossCallback(Callback):
         self._first_batch_counts: Optional[dict[str, int]] = None
         self._checked_first_batch = False
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         warn_if_fsdp1(trainer, type(self).__name__)
         self.dispatcher = TokenLossDispatcher.for_model(find_causal_lm(pl_module, self.model_attribute))
         self.dispatcher.add(self)
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dispatcher is not None:
             self.dispatcher.remove(self)
@@ -693,12 +660,14 @@ class TokenLossCallback(Callback):
 
     # A callback that never acts must not go unnoticed: the first training batch is watched, and if no forward
     # of the model was dispatched in it, one warning says what the callback needs and what it saw.
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.dispatcher is not None:
             self.dispatcher.expect_packed = batch_is_packed(batch)
         if not self._checked_first_batch and self.dispatcher is not None:
             self._first_batch_counts = dict(self.dispatcher.counts)
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.dispatcher is not None:

@@ -38,9 +38,21 @@ from transformers import AutoConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import lightning_tokens
-from lightning_tokens import (BudgetGuidanceLogitsProcessor, BudgetPredictorModule, ModelSpec, MultiTokenHeadsModule,
-                              PackedCollator, PlainLoss, QuietSTaRModule, ReasoningTask, TokenLossCallback,
-                              TokenLossDispatcher, TokenSelection, generate_with_heads, load_causal_lm)
+from lightning_tokens import (
+    BudgetGuidanceLogitsProcessor,
+    BudgetPredictorModule,
+    ModelSpec,
+    MultiTokenHeadsModule,
+    PackedCollator,
+    PlainLoss,
+    QuietSTaRModule,
+    ReasoningTask,
+    TokenLossCallback,
+    TokenLossDispatcher,
+    TokenSelection,
+    generate_with_heads,
+    load_causal_lm,
+)
 from lightning_tokens.budget.data import collate_traces, encode_traces
 from lightning_tokens.data.encode import Encoded
 from lightning_tokens.data.records import from_dicts

@@ -13,7 +13,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightning_tokens import ConceptAwareFineTuning, TokenSelection
 from lightning_tokens.token_loss import TokenLossCallback, find_causal_lm
-
 from test_token_loss import VOCAB, hand_loss, make_batch
 
 

@@ -12,16 +12,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 
-# Runs a benchmark script with parse_args stopped right after parsing: the arguments are checked, nothing runs.
+# Runs a benchmark module with parse_args stopped right after parsing: the arguments are checked, nothing runs.
 PARSE_ONLY = """
 import argparse, runpy, sys
 def parse_only(self, args=None, namespace=None):
     parsed = argparse.ArgumentParser.__dict__['_original'](self, args, namespace)
-    print('parsed', sys.argv[0]); sys.exit(0)
+    print('parsed', MODULE); sys.exit(0)
 argparse.ArgumentParser._original = argparse.ArgumentParser.parse_args
 argparse.ArgumentParser.parse_args = parse_only
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name='__main__')
+MODULE, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_module(MODULE, run_name='__main__', alter_sys=True)
 """
 
 
@@ -41,10 +41,12 @@ def test_every_benchmark_of_the_gpu_suite_accepts_its_arguments_and_the_limits_f
     assert commands[0][1][:3] == ["-m", "pytest", "tests/gpu"]
     assert sum(limit for limit, _ in commands) <= 9 * 60 - 20  # start-up and the CUDA device check fit in the rest
     for _, argv in commands[1:]:
-        assert (ROOT / argv[0]).is_file(), argv[0]
-        result = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv], cwd=ROOT, capture_output=True, text=True,
+        assert argv[0] == "-m" and argv[1].startswith("benchmarks."), argv  # benchmarks run as modules
+        module = argv[1]
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
+        result = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv[1:]], cwd=ROOT, capture_output=True, text=True,
                                 env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
-        assert result.returncode == 0 and f"parsed {argv[0]}" in result.stdout, (argv, result.stderr[-2000:])
+        assert result.returncode == 0 and f"parsed {module}" in result.stdout, (argv, result.stderr[-2000:])
 
 
 def test_the_cuda_checks_are_collected_and_skipped_without_cuda_saying_why():

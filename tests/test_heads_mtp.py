@@ -12,8 +12,7 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_layers import MtpModel
 
 from conftest import padded_rows, tiny_config
-from lightning_tokens.heads import MultiTokenHeads, capture_trunk, generate_with_heads, head_losses
-from lightning_tokens.heads import mtp_drafter
+from lightning_tokens.heads import MultiTokenHeads, capture_trunk, generate_with_heads, head_losses, mtp_drafter
 from lightning_tokens.heads.loss import weighted_sum
 from lightning_tokens.heads.mtp import export_mtp
 from lightning_tokens.modeling import ModelSpec, load_causal_lm

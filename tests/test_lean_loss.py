@@ -366,3 +366,27 @@ def test_causal_lm_module_trains_without_full_logits_and_a_step_reading_them_fai
     with pytest.raises(LogitsNotKept, match="CausalLMModule"):
         fit(ReadsLogits(model=ModelSpec(config=tiny_config()), max_new_tokens=0))
     fit(ReadsLogits(model=ModelSpec(config=tiny_config()), max_new_tokens=0, keep_logits=True))
+
+
+def test_one_ignore_index_for_the_whole_package():
+    import ast
+    import importlib
+    from pathlib import Path
+
+    import lightning_tokens
+    from lightning_tokens import lean_loss
+
+    assert lean_loss.IGNORE_INDEX == torch.nn.CrossEntropyLoss().ignore_index
+    for name in ("data.encode", "data.packing", "thoughts.loss", "thoughts.positions"):  # names of 0.1
+        assert importlib.import_module(f"lightning_tokens.{name}").IGNORE_INDEX == lean_loss.IGNORE_INDEX
+    package = Path(lightning_tokens.__file__).parent
+    definitions, literals = [], []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "IGNORE_INDEX" for t in node.targets):
+                definitions.append(f"{path.relative_to(package)}:{node.lineno}")
+            if (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
+                    and getattr(node.operand, "value", None) == 100):
+                literals.append(f"{path.relative_to(package)}:{node.lineno}")
+    # the one -100 of the package is the one definition, in lean_loss.py
+    assert len(definitions) == 1 and definitions[0].startswith("lean_loss.py:") and literals == definitions

@@ -113,3 +113,17 @@ def test_bad_specs_get_clear_errors():
         load_causal_lm(ModelSpec(config=tiny_config(), lora={"rank": 4}))
     with pytest.raises(ValueError, match="no tiny defaults"):
         load_causal_lm(ModelSpec(config={"model_type": "bert"}))
+
+
+def test_peft_models_are_found_wherever_they_sit():
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_tokens.modeling import is_peft_model, peft_model_of
+
+    model, _ = load_causal_lm(ModelSpec(config=tiny_config()))
+    assert peft_model_of(model) is None and not is_peft_model(model)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    holder = torch.nn.ModuleDict({"model": wrapped})  # as a LightningModule holds it
+    assert peft_model_of(wrapped) is wrapped and peft_model_of(holder) is wrapped
+    assert is_peft_model(wrapped) and is_peft_model(holder)
+    assert not is_peft_model(wrapped.merge_and_unload())

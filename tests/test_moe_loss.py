@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from conftest import padded_rows
 from lightning_tokens.data.encode import Encoded
 from lightning_tokens.data.packing import PackedCollator
 from lightning_tokens.token_loss import PlainLoss, TokenLossDispatcher, UnsupportedLoss
-
-from conftest import padded_rows
 
 VOCAB = 53
 COEF = 0.05  # larger than the usual 0.001, so that a dropped term stands far out of the tolerance

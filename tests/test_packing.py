@@ -9,13 +9,22 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-from lightning_tokens.data.encode import Encoded
-from lightning_tokens.data.packing import (PackedCollator, PackedRows, PackingError, SampleView, batch_is_packed,
-                                           flash_attention_kwargs, model_inputs, pack_lengths, real_token_count,
-                                           real_tokens, segment_ids)
-from lightning_tokens.token_loss import PlainLoss, TokenLossDispatcher
-
 from conftest import tiny_config
+from lightning_tokens.data.encode import Encoded
+from lightning_tokens.data.packing import (
+    PackedCollator,
+    PackedRows,
+    PackingError,
+    SampleView,
+    batch_is_packed,
+    flash_attention_kwargs,
+    model_inputs,
+    pack_lengths,
+    real_token_count,
+    real_tokens,
+    segment_ids,
+)
+from lightning_tokens.token_loss import PlainLoss, TokenLossDispatcher
 
 ARCHITECTURES = ["llama", "qwen2", "mistral", "gpt2"]
 VOCAB = 61

@@ -9,13 +9,12 @@ import warnings
 import pytest
 import torch
 
+from conftest import tiny_config
 from lightning_tokens.data.encode import Encoded
 from lightning_tokens.data.packing import PackedCollator, PackingError
 from lightning_tokens.heads import MultiTokenHeadsModule
 from lightning_tokens.modeling import ModelSpec, decoder_of, load_causal_lm
 from lightning_tokens.token_loss import PlainLoss, TokenLossDispatcher
-
-from conftest import tiny_config
 
 FALCON = dict(model_type="falcon", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, hidden_dropout=0.0,
               attention_dropout=0.0)

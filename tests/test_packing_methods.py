@@ -8,7 +8,6 @@ import torch
 
 from lightning_tokens.data.encode import Encoded, pad
 from lightning_tokens.data.packing import PackedCollator, PackingError, batch_is_packed, real_tokens, segment_ids
-
 from test_lean_loss import KINDS, assert_same_gradients, caft_on, gradients, load, naive_caft_loss
 from test_packing import sample
 
@@ -144,9 +143,8 @@ class UserModule(pl.LightningModule):
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from lightning_tokens.data.tokenizer import load_task_tokenizer
-
         from conftest import tiny_config
+        from lightning_tokens.data.tokenizer import load_task_tokenizer
 
         self.tokenizer = load_task_tokenizer()
         torch.manual_seed(0)
@@ -191,10 +189,9 @@ def test_packed_batches_are_deterministic_and_resume_mid_epoch(tmp_path):
     (weights and metrics of a resumed packed run: tests/test_cli.py)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from conftest import tiny_config
     from lightning_tokens import CausalLMModule
     from lightning_tokens.modeling import ModelSpec
-
-    from conftest import tiny_config
 
     class Recorder(pl.Callback):
         def __init__(self):
@@ -224,10 +221,9 @@ def test_packed_batches_are_deterministic_and_resume_mid_epoch(tmp_path):
 
 # -- Quiet-STaR and the budget predictor ------------------------------------------------------------------
 def quiet_star_module(model_type: str, lora: bool):
+    from conftest import tiny_config
     from lightning_tokens import QuietSTaRModule
     from lightning_tokens.modeling import ModelSpec
-
-    from conftest import tiny_config
 
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) if model_type == "gpt2" else {}
     spec = ModelSpec(config=tiny_config(model_type, **no_dropout), lora=LORA if lora else None)
@@ -264,11 +260,10 @@ def test_quiet_star_thinks_about_each_packed_sample_alone(model_type, lora, trai
 
 
 def test_budget_predictor_sees_each_packed_trace_alone(tmp_path):
+    from conftest import tiny_config
     from lightning_tokens import BudgetPredictorModule, TraceDataModule
     from lightning_tokens.budget.data import collate_traces
     from lightning_tokens.modeling import ModelSpec
-
-    from conftest import tiny_config
 
     module = BudgetPredictorModule(ModelSpec(config=tiny_config("llama")))
     traces = TraceDataModule(packing=True, max_length=256, batch_size=2)
@@ -344,10 +339,9 @@ def test_validation_on_packed_batches_reports_the_padded_loss():
     """Validation loaders stay padded; one of your own that packs reports the same ``val/loss``."""
     from torch.utils.data import DataLoader
 
+    from conftest import tiny_config
     from lightning_tokens import CausalLMModule
     from lightning_tokens.modeling import ModelSpec
-
-    from conftest import tiny_config
 
     losses = []
     for batch in (padded(SAMPLES, "right"), packed(SAMPLES)):

@@ -6,11 +6,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from conftest import tiny_config
 from lightning_tokens import CausalLMModule, ReasoningTask, SFTDataModule, TokenSelection
 from lightning_tokens.data.packing import batch_is_packed, real_tokens, segment_ids
 from lightning_tokens.modeling import ModelSpec
-
-from conftest import tiny_config
 
 
 def data(**options) -> SFTDataModule:

@@ -23,7 +23,6 @@ def test_every_class_named_in_the_readme_is_public_api():
     names = {n.strip() for group in names for n in group.split(",")}
     assert {"CausalLMModule", "TokenSelection"} <= names
     import lightning.pytorch as pl
-    import lightning.pytorch.strategies
 
     names = {n for n in names if not hasattr(pl, n) and not hasattr(pl.strategies, n)}  # Lightning's own
     names = {n for n in names if not n.isupper()}  # constants such as a notebook's MODEL parameter

@@ -14,12 +14,11 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from architectures import spec_of
+from conftest import tiny_config
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, decoder_layers, load_causal_lm
 from lightning_tokens.selection import TokenSelection
 from lightning_tokens.selection.scores import keep_count, minmax_per_sample, rank_correlation, select_top
-
-from architectures import spec_of
-from conftest import tiny_config
 
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
 

@@ -11,6 +11,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from conftest import tiny_config
 from lightning_tokens.cli import build_cli
 from lightning_tokens.data.module import SFTDataModule
 from lightning_tokens.data.reasoning_task import ReasoningTask
@@ -18,8 +19,6 @@ from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.module import CausalLMModule
 from lightning_tokens.selection import LossTable, TokenSelection, score_main
 from lightning_tokens.selection.history import DisabledAdapters
-
-from conftest import tiny_config
 from test_selection import make_batch, naive_attention, naive_select, naive_token_losses
 
 SMALL_TASK = dict(num_train=24, num_val=4, noise=0.25, noisy_fraction=0.3)

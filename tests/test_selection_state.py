@@ -12,11 +12,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import tiny_config
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.selection import TokenSelection
 from lightning_tokens.selection.history import EmaWeights
-
-from conftest import tiny_config
 from test_selection import make_batch
 
 

@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from conftest import padded_rows
 from lightning_tokens import lean_loss
 from lightning_tokens.modeling import ModelSpec, decoder_of
-from lightning_tokens.thoughts import QuietSTaRModule, parallel_thoughts
+from lightning_tokens.thoughts import QuietSTaRModule, parallel, parallel_thoughts
 from lightning_tokens.thoughts import attention as thought_attention
 from lightning_tokens.thoughts import module as thoughts_module
-from lightning_tokens.thoughts import parallel
 from lightning_tokens.thoughts.attention import two_part_attention
 from lightning_tokens.thoughts.parallel import sample_tokens
 from test_thoughts import N_THOUGHTS, TALK, THOUGHT_LENGTH, TOL, naive_branch, run_passes

@@ -12,8 +12,7 @@ import torch
 from conftest import padded_rows, tiny_config
 from lightning_tokens.cli import build_cli
 from lightning_tokens.modeling import ModelSpec
-from lightning_tokens.thoughts import QuietSTaRModule, next_token_targets, parallel_thoughts
-from lightning_tokens.thoughts import parallel
+from lightning_tokens.thoughts import QuietSTaRModule, next_token_targets, parallel, parallel_thoughts
 from lightning_tokens.thoughts.positions import choose_positions
 from test_thoughts import N_THOUGHTS, TALK, THOUGHT_LENGTH, make_module, reference_loss
 

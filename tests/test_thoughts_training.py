@@ -85,7 +85,6 @@ def test_checkpoint_keeps_thought_embeddings_head_and_rows(tmp_path):
 DDP_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from lightning.pytorch import Trainer
-    sys.path.insert(0, "tests")
     from conftest import tiny_config
     from lightning_tokens.data.module import SFTDataModule
     from lightning_tokens.data.reasoning_task import ReasoningTask
@@ -115,7 +114,7 @@ DDP_SCRIPT = textwrap.dedent("""
 def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     result = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import random
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,13 +21,16 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
 
 from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.encode import encode_record, pad
 from lightning_tokens.data.module import EpochSeededSampler, ResumableDataLoader, epoch_progress
 from lightning_tokens.data.packing import PackedCollator, PackedRows, uses_flash_attention
-from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, ReasoningTask
+from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.data.records import DataError, Record, check_record, from_dicts, read_file
+from lightning_tokens.files import atomic_path
+from lightning_tokens.reasoning import THINK_END, THINK_START
 
 
 def think_token_id(tokenizer: PreTrainedTokenizerBase, token: str, field_name: str) -> int:
@@ -136,12 +139,9 @@ def collate_traces(samples: list[TraceSample], pad_token_id: int) -> dict[str, t
 def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Write rows as JSON lines (through a temporary file, so nothing half-written is left)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
-    tmp.replace(path)
     return path
 
 
@@ -206,6 +206,7 @@ class TraceDataModule(LightningDataModule):
         held = set(order[: max(1, round(len(train) * self.val_fraction)) if self.val_fraction > 0 else 0])
         return [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held]
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_samples:
             return
@@ -239,8 +240,10 @@ class TraceDataModule(LightningDataModule):
         return DataLoader(samples, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
                           num_workers=self.num_workers)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_samples, True)
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_samples, False) if self.val_samples else []

@@ -7,10 +7,11 @@ from typing import Optional, Sequence
 
 import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
+from typing_extensions import override
 
 from lightning_tokens.budget.data import think_token_id
 from lightning_tokens.budget.tracking import ThinkingTracker, budget_list, per_row
-from lightning_tokens.data.reasoning_task import THINK_END, THINK_START
+from lightning_tokens.reasoning import THINK_END, THINK_START
 
 
 class BudgetForcing(LogitsProcessor):
@@ -44,6 +45,7 @@ class BudgetForcing(LogitsProcessor):
         """Start afresh for a new ``generate()`` call (also detected automatically)."""
         self.tracker.reset()
 
+    @override
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         budgets = per_row(self.budgets, input_ids.shape[0], "BudgetForcing.budgets")
         tracker = self.tracker

@@ -13,6 +13,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import nn
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
+from typing_extensions import override
 
 from lightning_tokens.budget.capture import HiddenStateCapture
 from lightning_tokens.budget.data import think_token_id
@@ -20,8 +21,8 @@ from lightning_tokens.budget.gamma import decoded_mode, encode_length, gamma_cdf
 from lightning_tokens.budget.predictor import BudgetPredictor
 from lightning_tokens.budget.tracking import ThinkingTracker, budget_list, per_row
 from lightning_tokens.checks import check_numbers
-from lightning_tokens.data.reasoning_task import THINK_END, THINK_START
 from lightning_tokens.modeling import inference_kwargs
+from lightning_tokens.reasoning import THINK_END, THINK_START
 
 
 def newline_mask(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> torch.Tensor:
@@ -166,6 +167,7 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
         return [row for row in range(len(tracker.t)) if tracker.thinking(row)
                 and (tracker.t[row] == 0 or (last[row] < len(newline) and newline[last[row]]))]
 
+    @override
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         budgets = per_row(self.budgets, input_ids.shape[0], "BudgetGuidanceLogitsProcessor.budgets")
         self.tracker.update(input_ids)

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
 from lightning_tokens.budget.capture import HiddenStateCapture
 from lightning_tokens.budget.gamma import decoded_mode, encode_length, gamma_cdf, gamma_nll
@@ -55,6 +56,7 @@ class BudgetPredictorModule(ResumesExactly, LightningModule):
         self.val_loss, self.val_abs_error = MeanMetric(), MeanMetric()
         self.val_within, self.val_window_prob = MeanMetric(), MeanMetric()
 
+    @override
     def train(self, mode: bool = True) -> "BudgetPredictorModule":
         super().train(mode)
         self.model.eval()  # the LM stays in eval mode (no dropout) while the predictor trains
@@ -87,6 +89,7 @@ class BudgetPredictorModule(ResumesExactly, LightningModule):
         alpha, rate = self.predictor(states, next_tokens)
         return gamma_nll(alpha, rate, encode_length(length)), alpha, rate, length
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         nll = self.step(batch)[0]
         # A batch without a supervised position still joins the graph (DDP needs every rank to backward).
@@ -96,6 +99,7 @@ class BudgetPredictorModule(ResumesExactly, LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=max(1, nll.numel()))
         return loss
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         nll, alpha, rate, length = self.step(batch)
         if not nll.numel():
@@ -112,6 +116,7 @@ class BudgetPredictorModule(ResumesExactly, LightningModule):
         self.log("val/window_prob", self.val_window_prob)
 
     # -- optimisation and checkpoints -----------------------------------------------------------------
+    @override
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (FSDP2), shard the predictor; the frozen LM stays whole on every rank."""
         warn_if_fsdp1(self._trainer, type(self).__name__)
@@ -119,14 +124,17 @@ class BudgetPredictorModule(ResumesExactly, LightningModule):
         if mesh is not None:
             shard_modules((self.predictor,), mesh, self.trainer.precision)
 
+    @override
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.predictor.named_parameters(), self.optim.weight_decay)
         return configure(self.optim, groups, self.total_training_steps())
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
 
+    @override
     def on_train_end(self) -> None:
         if self.predictor_path:
             state = full_state_dict(self.predictor)  # every rank takes part when the predictor is sharded

@@ -17,8 +17,8 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_tokens.budget.data import think_token_id, write_jsonl
 from lightning_tokens.checks import check_numbers
-from lightning_tokens.data.reasoning_task import THINK_END, THINK_START, check_answer, thinking_length
 from lightning_tokens.modeling import inference_kwargs
+from lightning_tokens.reasoning import THINK_END, THINK_START, check_answer, thinking_length
 
 
 @torch.no_grad()

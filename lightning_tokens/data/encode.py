@@ -18,8 +18,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lightning_tokens.data.records import DataError, Record
+from lightning_tokens.lean_loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 Truncation = Literal["truncate", "drop"]
 
 

@@ -10,6 +10,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
 
 from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.encode import (
@@ -22,11 +23,16 @@ from lightning_tokens.data.encode import (
     encode_prompt,
     encode_record,
 )
-from lightning_tokens.data.packing import (PackedCollator, PackedRows, PaddingFreeCollator,
-                                           uses_flash_attention)
+from lightning_tokens.data.packing import PackedCollator, PackedRows, PaddingFreeCollator, uses_flash_attention
 from lightning_tokens.data.reasoning_task import ReasoningTask
-from lightning_tokens.data.records import DataError, Record, check_prompt_record, from_dicts, read_file, read_hub_dataset
-
+from lightning_tokens.data.records import (
+    DataError,
+    Record,
+    check_prompt_record,
+    from_dicts,
+    read_file,
+    read_hub_dataset,
+)
 
 # Checkpoints keep the task in the data module's hyperparameters; allow torch.load(weights_only=True) to read it.
 torch.serialization.add_safe_globals([ReasoningTask])
@@ -274,6 +280,7 @@ class SFTDataModule(LightningDataModule):
         return None if value is None else str(value)
 
     # -- Lightning hooks -------------------------------------------------------------------------------
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         if self.tokenizer is None:
             self.tokenizer = self._resolve_tokenizer()
@@ -298,6 +305,7 @@ class SFTDataModule(LightningDataModule):
     def _collator(self, generation: bool) -> SFTCollator:
         return SFTCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, generation=generation)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         dataset = self.packed_rows if self.packing else self.train_dataset
         collate: Callable = self._collator(False)
@@ -311,6 +319,7 @@ class SFTDataModule(LightningDataModule):
                                    progress=epoch_progress(self.trainer))
 
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
             return []
@@ -322,9 +331,11 @@ class SFTDataModule(LightningDataModule):
         return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, sampler=list(order),
                           collate_fn=self._collator(has_answers), num_workers=self.num_workers)
 
+    @override
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         """Left-padded prompts (and reference answers) of ``predict_file``, or of the validation split."""
         dataset = self.predict_dataset if self.predict_file is not None else self.val_dataset
@@ -334,6 +345,7 @@ class SFTDataModule(LightningDataModule):
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
                           collate_fn=self._collator(True), num_workers=self.num_workers)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed}
 

@@ -28,8 +28,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_tokens.checks import check_numbers
+from lightning_tokens.lean_loss import IGNORE_INDEX
+from lightning_tokens.modeling import causal_lm_of, decoder_of, find_causal_lm
+from lightning_tokens.sharding import is_sharded
 
-IGNORE_INDEX = -100
 #: Keys of a batch that a causal LM's forward takes (the rest, prompts and answers, are for generation).
 FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "use_cache", *FLASH_KEYS)
@@ -252,8 +254,6 @@ def uses_flash_attention(trainer: Any) -> bool:
     module = getattr(trainer, "lightning_module", None) if trainer is not None else None
     if module is None:
         return False
-    from lightning_tokens.token_loss import find_causal_lm
-
     try:
         return runs_flash_attention(find_causal_lm(module))
     except ValueError:
@@ -315,9 +315,6 @@ def check_packed_forward(model: Any, input_ids: Optional[Tensor], call_kwargs: d
     position_ids = call_kwargs.get("position_ids")
     if model in _packing_checked or call_kwargs.get("attention_mask") is not None or not is_packed(position_ids):
         return
-    from lightning_tokens.modeling import causal_lm_of, decoder_of
-    from lightning_tokens.sharding import is_sharded
-
     tokens = input_ids if input_ids is not None else call_kwargs["inputs_embeds"]
     position_ids = position_ids.expand(tokens.shape[0], -1)
     segments = segment_ids(position_ids)

@@ -18,14 +18,13 @@ from pathlib import Path
 
 from lightning_tokens.data.reasoning_task import (
     PRESETS,
-    THINK_END,
-    THINK_START,
     generate_problems,
     render_answer,
     render_corpus,
     render_prompt,
     render_thinking,
 )
+from lightning_tokens.reasoning import THINK_END, THINK_START
 
 __all__ = [
     "BOS_TOKEN",

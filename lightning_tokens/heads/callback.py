@@ -14,22 +14,19 @@ from typing import Any, Optional
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_tokens.checks import check_numbers
-from lightning_tokens.heads.heads import WEIGHTS_NAME, Architecture, MultiTokenHeads, Trunk
+from lightning_tokens.heads.heads import WEIGHTS_NAME, Architecture, MultiTokenHeads, Trunk, head_variant
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.heads.schedule import parse_schedule, schedule_value
-from lightning_tokens.modeling import causal_lm_of, decoder_layers
+from lightning_tokens.modeling import causal_lm_of, decoder_layers, is_peft_model
 from lightning_tokens.sharding import average_gradients, data_parallel_mesh, shards_with_fsdp2
 from lightning_tokens.token_loss import ATTACHED_MODULES_KEY, TokenLossCallback, TokenLossContext, find_causal_lm
 
 HEADS_ATTRIBUTE = "caft_heads"
 _TRUNK_KEY = "caft_trunk"
 _FINAL_KEY = "caft_final_hidden"
-
-
-def _is_peft(module: Any) -> bool:
-    return any(type(m).__name__.startswith("PeftModel") or hasattr(m, "peft_config") for m in module.modules())
 
 
 class ConceptAwareFineTuning(TokenLossCallback):
@@ -103,6 +100,7 @@ class ConceptAwareFineTuning(TokenLossCallback):
         self._last: dict[str, Any] = {}
 
     # -- wiring ----------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         model = find_causal_lm(pl_module, self.model_attribute)
         heads = getattr(pl_module, HEADS_ATTRIBUTE, None)
@@ -112,7 +110,7 @@ class ConceptAwareFineTuning(TokenLossCallback):
         heads.requires_grad_(bool(self.train_heads))
 
         lm_head = causal_lm_of(model).get_output_embeddings()
-        if not _is_peft(pl_module) and self.freeze_lm_head:
+        if not is_peft_model(pl_module) and self.freeze_lm_head:
             embeddings = causal_lm_of(model).get_input_embeddings()
             if embeddings is not None and embeddings.weight is lm_head.weight:
                 rank_zero_warn("ConceptAwareFineTuning: lm_head is tied to the input embeddings; left trainable")
@@ -121,11 +119,11 @@ class ConceptAwareFineTuning(TokenLossCallback):
         self._heads = heads
         super().setup(trainer, pl_module, stage)
         self.dispatcher.capture_inputs(decoder_layers(model)[-1], _TRUNK_KEY)
-        if heads.architecture == "mtp":
+        if heads.variant.reads_final_hidden:
             self.dispatcher.capture_inputs(causal_lm_of(model).get_output_embeddings(), _FINAL_KEY)
 
     def _build_heads(self, model) -> MultiTokenHeads:
-        if self.heads_path is None and self.architecture == "mtp":
+        if self.heads_path is None and head_variant(self.architecture).in_checkpoint:
             try:
                 return MultiTokenHeads.from_model(model, self.num_heads)
             except ValueError as error:
@@ -143,11 +141,13 @@ class ConceptAwareFineTuning(TokenLossCallback):
         return MultiTokenHeads(model, num_heads=self.num_heads or 4, architecture=self.architecture)
 
     # -- schedule --------------------------------------------------------------------------------------
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.total_steps is None:
             total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
             self.total_steps = max(1, int(total))
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self.step = trainer.global_step
@@ -158,11 +158,12 @@ class ConceptAwareFineTuning(TokenLossCallback):
         return schedule_value(self.schedule, self.step / max(1, self.total_steps or 1), self.sine_ratio)
 
     # -- the loss --------------------------------------------------------------------------------------
+    @override
     def reshape_token_loss(self, ctx: TokenLossContext) -> None:
         if _TRUNK_KEY not in ctx.captured or self._heads is None:
             raise RuntimeError("ConceptAwareFineTuning: the last decoder layer's input was not captured")
         trunk = Trunk.from_call(*ctx.captured[_TRUNK_KEY])
-        if self._heads.architecture == "mtp":
+        if self._heads.variant.reads_final_hidden:
             hidden = ctx.hidden if ctx.hidden is not None else ctx.captured[_FINAL_KEY][0][0]
             trunk = Trunk(hidden, None, trunk.position_ids, ctx.input_ids)
         losses = head_losses(self._heads, ctx.model, trunk, ctx.labels, ctx.attention_mask, self.chunk_size,
@@ -176,6 +177,7 @@ class ConceptAwareFineTuning(TokenLossCallback):
             self._last[f"caft_head{k}_loss"] = item.loss.detach()
             self._last[f"caft_head{k}_acc"] = item.accuracy
 
+    @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Under FSDP2 separate unembeddings stay whole on every rank (the chunked loss reads them as weights, outside
         # a module call FSDP2 could gather around): average their gradients, as DDP would.
@@ -183,6 +185,7 @@ class ConceptAwareFineTuning(TokenLossCallback):
         if mesh is not None and self._heads is not None and self._heads.unembeddings is not None:
             average_gradients(self._heads.unembeddings.parameters(), mesh)
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -191,15 +194,18 @@ class ConceptAwareFineTuning(TokenLossCallback):
         self._last = {}
 
     # -- state -----------------------------------------------------------------------------------------
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         attached = checkpoint.setdefault(ATTACHED_MODULES_KEY, [])
         if HEADS_ATTRIBUTE not in attached:
             attached.append(HEADS_ATTRIBUTE)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"total_steps": self.total_steps, "step": self.step, "schedule": self.schedule,
                 "sine_ratio": self.sine_ratio, "beta": self.beta, "gamma": self.gamma}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.total_steps = state_dict.get("total_steps", self.total_steps)
         self.step = state_dict.get("step", self.step)

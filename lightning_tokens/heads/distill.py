@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -19,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.encode import prompt_ids
+from lightning_tokens.files import atomic_path
 from lightning_tokens.modeling import causal_lm_of, inference_kwargs
 
 
@@ -58,11 +58,9 @@ def self_distill(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
     if seed is not None:
         torch.manual_seed(seed)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     skipped = 0
     try:
-        with os.fdopen(fd, "w") as out:
+        with atomic_path(path) as tmp, tmp.open("w") as out:
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
                 encoded = [prompt_ids(tokenizer, p) for p in chunk]
@@ -86,11 +84,9 @@ def self_distill(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
                         skipped += 1  # an empty answer is no training target
                         continue
                     out.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
-        if skipped == len(prompts):
-            raise ValueError(f"self_distill: the model answered every one of the {len(prompts)} prompts with nothing")
-        os.replace(tmp, path)
+            if skipped == len(prompts):  # raised inside the block: nothing is written
+                raise ValueError(f"self_distill: the model answered every one of the {len(prompts)} prompts with "
+                                 "nothing")
     finally:
         model.train(was_training)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

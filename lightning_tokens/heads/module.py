@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
 from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.packing import batch_samples, check_packed_forward, model_inputs
@@ -15,8 +16,14 @@ from lightning_tokens.heads.heads import Architecture, MultiTokenHeads, capture_
 from lightning_tokens.heads.loss import head_losses, weighted_sum
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, ResumesExactly, configure, parameter_groups
-from lightning_tokens.sharding import (ClipsMixedGradients, average_gradients, data_parallel_mesh, full_state_dict,
-                                       shard_modules, warn_if_fsdp1)
+from lightning_tokens.sharding import (
+    ClipsMixedGradients,
+    average_gradients,
+    data_parallel_mesh,
+    full_state_dict,
+    shard_modules,
+    warn_if_fsdp1,
+)
 
 
 def stage1_optimizer() -> OptimizerConfig:
@@ -83,6 +90,7 @@ class MultiTokenHeadsModule(ResumesExactly, ClipsMixedGradients, LightningModule
         self.val_head_loss = torch.nn.ModuleList([MeanMetric() for _ in range(num_heads)])
         self.strict_loading = False  # checkpoints hold the heads only
 
+    @override
     def train(self, mode: bool = True) -> "MultiTokenHeadsModule":
         super().train(mode)
         self.model.eval()  # the frozen base never uses dropout
@@ -91,13 +99,14 @@ class MultiTokenHeadsModule(ResumesExactly, ClipsMixedGradients, LightningModule
     def _losses(self, batch: dict):
         base = causal_lm_of(self.model)
         check_packed_forward(base, batch["input_ids"], model_inputs(batch, labels=False))  # once per model
-        with torch.no_grad(), capture_trunk(base, final=self.heads.architecture == "mtp") as holder:
+        with torch.no_grad(), capture_trunk(base, final=self.heads.variant.reads_final_hidden) as holder:
             base.base_model(**{**model_inputs(batch, labels=False), "use_cache": False})
         trunk = holder["trunk"].detach()
         # A packed batch (SFTDataModule(packing=True)) has no attention mask: its samples are told by position ids.
         real, segments = batch_samples(batch)
         return head_losses(self.heads, base, trunk, batch["labels"], real, self.chunk_size, segments)
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch)
         loss = weighted_sum(losses, self.gamma)
@@ -109,6 +118,7 @@ class MultiTokenHeadsModule(ResumesExactly, ClipsMixedGradients, LightningModule
             self.log(f"train/head{k}_acc", item.accuracy, prog_bar=k == 1)
         return loss
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         losses = self._losses(batch)
         self.val_loss.update(weighted_sum(losses, self.gamma))
@@ -120,6 +130,7 @@ class MultiTokenHeadsModule(ResumesExactly, ClipsMixedGradients, LightningModule
             self.log(f"val/head{k}_acc", self.val_acc[k - 1], prog_bar=k == 1)
             self.log(f"val/head{k}_loss", self.val_head_loss[k - 1])
 
+    @override
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (FSDP2), shard each head block as a unit of its own; the frozen base
         stays whole on every rank. Separate unembeddings (read as weights by the chunked loss, outside any module
@@ -129,19 +140,23 @@ class MultiTokenHeadsModule(ResumesExactly, ClipsMixedGradients, LightningModule
         if mesh is not None:
             shard_modules(tuple(self.heads.blocks), mesh, self.trainer.precision)
 
+    @override
     def on_after_backward(self) -> None:
         mesh = data_parallel_mesh(self)
         if mesh is not None and self.heads.unembeddings is not None:
             average_gradients(self.heads.unembeddings.parameters(), mesh)
 
+    @override
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.heads.named_parameters(), self.optim.weight_decay)
         return configure(self.optim, groups, self.total_training_steps())
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
 
+    @override
     def on_fit_end(self) -> None:
         if self.heads_path is not None:
             self.save_heads(self.heads_path)

@@ -11,6 +11,8 @@ loss. Depth ``k``'s attention runs at the positions of the tokens it reads, ``t 
 
 A depth reads a token ``k`` places ahead, so under padding (or packing) position ``t`` of depth ``k`` is real only
 when both position ``t`` and token ``t + k`` are real tokens (of the same sample); every other key is masked.
+
+:class:`MtpVariant` is the head variant ``MultiTokenHeads(architecture="mtp")`` holds.
 """
 
 from __future__ import annotations
@@ -22,19 +24,80 @@ import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-from lightning_tokens.modeling import cache_keyword, causal_lm_of, decoder_of, is_quantized
+from lightning_tokens.heads.layer import copy_layer_weights
+from lightning_tokens.heads.mtp_drafter import MtpDrafter
+from lightning_tokens.heads.trunk import Trunk, causal_additive_mask
+from lightning_tokens.heads.variant import HeadVariant
+from lightning_tokens.modeling import (
+    cache_keyword,
+    causal_lm_of,
+    decoder_layers,
+    decoder_of,
+    is_peft_model,
+    is_quantized,
+)
 
 if TYPE_CHECKING:
-    from lightning_tokens.heads.heads import MultiTokenHeads, Trunk
+    from lightning_tokens.heads.heads import MultiTokenHeads
 
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
 SAFE_WEIGHTS = "model.safetensors"
 MTP_SHARD = "model-mtp.safetensors"
+
+
+class MtpVariant(HeadVariant):
+    """Heads that are the model's own MTP layers, chained depth after depth; they read the model's final hidden
+    state and the input ids, end with their own norm and share the model's ``lm_head``."""
+
+    name = "mtp"
+    reads_final_hidden = True
+    attends = True
+    in_checkpoint = True
+
+    def check(self, separate_unembedding: bool) -> None:
+        if separate_unembedding:
+            raise ValueError("MultiTokenHeads: MTP heads share the model's lm_head (transformers' MtpModel reads no "
+                             "other), so separate_unembedding must be False")
+
+    def build(self, base: nn.Module, num_heads: int,
+              init_from_model: bool) -> tuple[nn.ModuleList, Optional[nn.Module]]:
+        blocks, shared_post_norm = build_mtp_layers(base, num_heads)
+        last = decoder_layers(base)[-1]
+        same_kind = set(dict(blocks[0].mtp_block.named_parameters())) == set(dict(last.named_parameters()))
+        if init_from_model and not same_kind:  # e.g. a dense last layer where MTP layers use experts
+            warnings.warn(f"MultiTokenHeads: the last decoder layer's weights do not fit an MTP layer of "
+                          f"{type(base).__name__}; the MTP layers start from a fresh initialisation", stacklevel=3)
+        if init_from_model and same_kind:
+            for layer in blocks:
+                copy_layer_weights(layer.mtp_block, last)
+        return blocks, shared_post_norm
+
+    def head_states(self, heads: MultiTokenHeads, k: int, trunk: Trunk, attention_mask: Optional[Tensor],
+                    cache: Any, past_length: int, segments: Optional[Tensor],
+                    additive_mask: Optional[Tensor]) -> Tensor:
+        raise ValueError("MultiTokenHeads.head_states: MTP depths are chained; use all_head_states")
+
+    def all_head_states(self, heads: MultiTokenHeads, model: nn.Module, trunk: Trunk,
+                        attention_mask: Optional[Tensor], segments: Optional[Tensor],
+                        depths: Optional[int]) -> Iterator[Tensor]:
+        yield from training_states(heads, model, trunk, attention_mask, segments, depths)
+
+    def norm(self, model: nn.Module) -> nn.Module:
+        return nn.Identity()  # every depth ends with its own norm
+
+    def drafter(self, heads: MultiTokenHeads, model: nn.Module, num_draft: int, prompt_ids: Tensor,
+                prompt_mask: Tensor, max_new_tokens: int) -> MtpDrafter:
+        return MtpDrafter(heads, model, num_draft, prompt_ids, prompt_mask, max_new_tokens)
+
+    def depth_states(self, heads: MultiTokenHeads, model: nn.Module, k: int, previous: Tensor, tokens: Tensor,
+                     positions: Tensor, mask: Tensor, cache: Any = None) -> Tensor:
+        """:func:`depth_states`, for the drafter (which this module imports, so it cannot import this module)."""
+        return depth_states(heads, model, k, previous, tokens, positions, mask, cache)
 
 
 def checkpoint_depths(model: nn.Module) -> Optional[int]:
@@ -43,7 +106,8 @@ def checkpoint_depths(model: nn.Module) -> Optional[int]:
 
 
 def build_mtp_layers(model: nn.Module, num_depths: int) -> tuple[nn.ModuleList, Optional[nn.Module]]:
-    """``num_depths`` fresh ``MtpLayer`` s for ``model`` and the shared post-norm some layouts chain through, or ``None``.
+    """``num_depths`` fresh ``MtpLayer`` s for ``model`` and the shared post-norm some layouts chain through, or
+    ``None``.
 
     They are built by transformers' ``MtpModel`` (its layer and norm classes, its config), then taken out of it:
     the embeddings, ``lm_head`` and rotary embedding it would share with the model stay the model's own.
@@ -54,7 +118,8 @@ def build_mtp_layers(model: nn.Module, num_depths: int) -> tuple[nn.ModuleList, 
     if checkpoint_depths(base) is None:
         raise ValueError(
             f"MultiTokenHeads(architecture='mtp'): {type(base.config).__name__} has no num_mtp_layers, so transformers "
-            "has no multi-token-prediction layers for it (deepseek_v3, glm4_moe and others do): use 'layer' or 'resblock'")
+            "has no multi-token-prediction layers for it (deepseek_v3, glm4_moe and others do): use 'layer' or "
+            "'resblock'")
     mtp = MtpModel(base, num_depths)
     return mtp.layers, getattr(mtp, "shared_post_norm", None)
 
@@ -133,7 +198,7 @@ def read_checkpoint_layers(model: nn.Module, path: Optional[str | os.PathLike] =
     return mtp.layers
 
 
-def depth_states(heads: "MultiTokenHeads", model: nn.Module, k: int, previous: Tensor, tokens: Tensor,
+def depth_states(heads: MultiTokenHeads, model: nn.Module, k: int, previous: Tensor, tokens: Tensor,
                  positions: Tensor, mask: Tensor, cache=None) -> Tensor:
     """Depth ``k``'s output over a run of positions: ``(B, n, D)``, after its own final norm.
 
@@ -165,7 +230,7 @@ def depth_states(heads: "MultiTokenHeads", model: nn.Module, k: int, previous: T
     return states
 
 
-def training_states(heads: "MultiTokenHeads", model: nn.Module, trunk: "Trunk",
+def training_states(heads: MultiTokenHeads, model: nn.Module, trunk: Trunk,
                     attention_mask: Optional[Tensor] = None, segments: Optional[Tensor] = None,
                     depths: Optional[int] = None) -> Iterator[Tensor]:
     """Every depth's states over a whole batch, in order: depth ``k`` gives ``(B, T - k, D)``, its position ``t``
@@ -179,8 +244,6 @@ def training_states(heads: "MultiTokenHeads", model: nn.Module, trunk: "Trunk",
         segments: ``(B, T)`` sample numbers of a packed batch, or ``None``.
         depths: How many depths to run. Default ``None``: all.
     """
-    from lightning_tokens.heads.heads import causal_additive_mask
-
     if trunk.input_ids is None:
         raise ValueError("MTP heads read the tokens ahead of each position: the model must be called with input_ids")
     hidden, ids = trunk.hidden, trunk.input_ids
@@ -206,7 +269,7 @@ def training_states(heads: "MultiTokenHeads", model: nn.Module, trunk: "Trunk",
         yield previous
 
 
-def export_mtp(model: nn.Module, heads: "MultiTokenHeads", path: str | os.PathLike,
+def export_mtp(model: nn.Module, heads: MultiTokenHeads, path: str | os.PathLike,
                include_shared: bool = True, tokenizer=None, max_shard_size: Optional[str] = None) -> Path:
     """Write ``model`` with ``heads`` as its MTP layers, in the layout of its own checkpoints.
 
@@ -235,12 +298,14 @@ def export_mtp(model: nn.Module, heads: "MultiTokenHeads", path: str | os.PathLi
     from safetensors.torch import load_file, save_file
     from transformers.core_model_loading import revert_weight_conversion
 
-    if heads.architecture != "mtp":
-        raise ValueError(f"export_mtp: the heads are {heads.architecture!r} heads; only 'mtp' heads have a native layout")
+    if not isinstance(heads.variant, MtpVariant):
+        raise ValueError(f"export_mtp: the heads are {heads.architecture!r} heads; only 'mtp' heads have a native "
+                         "layout")
     if is_quantized(model):
-        raise ValueError("export_mtp: the model's weights are quantized; load it unquantized with its adapters and merge")
+        raise ValueError("export_mtp: the model's weights are quantized; load it unquantized with its adapters and "
+                         "merge")
     base = causal_lm_of(model)
-    if base is not model and hasattr(model, "merge_and_unload"):
+    if base is not model and is_peft_model(model):
         base = copy.deepcopy(model).merge_and_unload()
     if not _keeps_mtp_after_layers(base) or heads.shared_post_norm is not None:
         raise NotImplementedError(f"export_mtp: {type(base).__name__} keeps its MTP layers in a layout other than "
@@ -285,10 +350,11 @@ def export_mtp(model: nn.Module, heads: "MultiTokenHeads", path: str | os.PathLi
     return path
 
 
-def _check_export(base: nn.Module, heads: "MultiTokenHeads", path: Path) -> None:
+def _check_export(base: nn.Module, heads: MultiTokenHeads, path: Path) -> None:
     """Read the written MTP layers back through transformers and compare them with ``heads``, weight by weight."""
     layers = read_checkpoint_layers(base, path, heads.num_heads)
     written, expected = layers.state_dict(), heads.blocks.state_dict()
     for name, tensor in expected.items():
         if name not in written or not torch.equal(written[name].to(tensor), tensor):
-            raise RuntimeError(f"export_mtp: {path} does not give back the heads' {name} through transformers' MtpModel")
+            raise RuntimeError(f"export_mtp: {path} does not give back the heads' {name} through transformers' "
+                               "MtpModel")

@@ -7,17 +7,22 @@ token ``P + 1`` (``P``: its last verified position), so depth ``k``'s state at `
 back to the slots that are final for every depth and row, and the depths run over the slots after them: the
 round's new slots and, for ``K`` drafts, up to ``K - 1`` earlier positions per row. With one draft nothing is
 recomputed.
+
+Each depth is run by the heads' own :class:`~lightning_tokens.heads.mtp.MtpVariant`, which builds this drafter.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 
-from lightning_tokens.heads.heads import MultiTokenHeads, Trunk, causal_additive_mask
-from lightning_tokens.heads.mtp import depth_states
+from lightning_tokens.heads.trunk import Trunk, causal_additive_mask
+
+if TYPE_CHECKING:
+    from lightning_tokens.heads.heads import MultiTokenHeads
 
 
 class MtpDrafter:
@@ -34,8 +39,6 @@ class MtpDrafter:
 
     def __init__(self, heads: MultiTokenHeads, model: nn.Module, num_draft: int, prompt_ids: Tensor,
                  prompt_mask: Tensor, max_new_tokens: int) -> None:
-        from transformers import DynamicCache
-
         self.heads, self.model, self.num_draft = heads, model, num_draft
         self.projectors = [heads.projector(model, k) for k in range(1, num_draft + 1)]
         self.cache = DynamicCache()
@@ -83,8 +86,8 @@ class MtpDrafter:
         drafts, previous = [], hidden
         for k in range(1, self.num_draft + 1):
             ahead = (window_positions + k).clamp(0, limit)
-            previous = depth_states(self.heads, self.model, k, previous, self.tokens.gather(1, ahead), ahead, mask,
-                                    self.cache)
+            previous = self.heads.variant.depth_states(self.heads, self.model, k, previous,
+                                                       self.tokens.gather(1, ahead), ahead, mask, self.cache)
             draft = self.projectors[k - 1](previous[rows, frontier]).argmax(-1)
             self.tokens[rows, (verified + 1 + k).clamp(max=limit)] = draft.to(self.tokens.dtype)
             drafts.append(draft)

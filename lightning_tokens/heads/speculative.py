@@ -13,8 +13,9 @@ carries a slot mask (``1`` on the prompt's real tokens and on the kept slots) an
 contribute nothing to attention, so each row computes what it would alone. After a round the cache is
 cropped to the most slots any row kept, so it grows by ``max(kept) + 1`` per round, never by rejected
 drafts alone. Rows that finish (eos or ``max_new_tokens``) ride along with fully masked slots until the last
-row finishes, and are padded with ``pad_token_id`` in the output, as ``generate`` does. Layer heads keep
-their own small caches with the same slots and mask as the model's; resblock heads need none.
+row finishes, and are padded with ``pad_token_id`` in the output, as ``generate`` does. The heads' variant
+drafts (:mod:`~lightning_tokens.heads.drafter` for layer and resblock heads, :mod:`~lightning_tokens.heads.mtp_drafter`
+for MTP depths).
 
 Sliding-window layers (Gemma 2 and 3, Mistral, Cohere 2, ...): transformers applies the window to slot distances and
 its sliding cache layers cannot be cropped once the window is reached. Here the cache keeps every slot (as for full
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tokens.checks import check_numbers
-from lightning_tokens.heads.heads import MultiTokenHeads, Trunk, capture_trunk, causal_additive_mask
+from lightning_tokens.heads.heads import MultiTokenHeads, capture_trunk
 from lightning_tokens.modeling import cache_keyword, causal_lm_of, inference_kwargs
 
 
@@ -81,32 +82,6 @@ class SpeculativeStats:
     def row_tokens_per_forward(self) -> list[float]:
         """Tokens generated per forward the row took part in, per row."""
         return [n / max(1, f) for n, f in zip(self.row_new_tokens, self.row_forwards)]
-
-
-class _HeadDrafter:
-    """Runs the heads incrementally over the cache's slots and proposes K draft tokens per row."""
-
-    def __init__(self, heads: MultiTokenHeads, model: nn.Module, num_draft: int) -> None:
-        from transformers import DynamicCache
-
-        self.heads, self.model, self.num_draft = heads, model, num_draft
-        self.caches = [DynamicCache() if heads.architecture == "layer" else None for _ in range(num_draft)]
-        self.projectors = [heads.projector(model, k) for k in range(1, num_draft + 1)]
-        self.length = 0
-
-    def advance(self, trunk: Trunk, slot_mask: Tensor, last: Tensor, *unused) -> Tensor:
-        """``(B, K)`` drafts after slot ``last[b]`` of the new ``trunk`` positions; ``slot_mask`` covers all slots."""
-        batch, width = trunk.hidden.shape[:2]
-        rows = torch.arange(batch, device=last.device)
-        mask = None
-        if self.heads.architecture == "layer":  # the same for every head: built once per round
-            mask = causal_additive_mask(slot_mask, width, self.length, self.heads.weight_dtype, last.device, batch)
-        drafts = []
-        for k in range(1, self.num_draft + 1):  # heads past num_draft are never run
-            states = self.heads.head_states(k, trunk, slot_mask, self.caches[k - 1], self.length, additive_mask=mask)
-            drafts.append(self.projectors[k - 1](states[rows, last]).argmax(-1))
-        self.length += width
-        return torch.stack(drafts, 1)
 
 
 def _eos_ids(base: nn.Module, eos_token_id: Optional[int | list[int]]) -> list[int]:
@@ -232,13 +207,8 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
     # with sliding layers, a cache that keeps every slot: crop needs them, and the masks apply the window
     cache = DynamicCache(config=base.config) if window is None else DynamicCache()
     options = inference_kwargs(base)
-    mtp = heads.architecture == "mtp"
-    if mtp:
-        from lightning_tokens.heads.mtp_drafter import MtpDrafter
-
-        drafter = MtpDrafter(heads, base, num_draft, input_ids, mask, max_new_tokens)
-    else:
-        drafter = _HeadDrafter(heads, base, num_draft)
+    final = heads.variant.reads_final_hidden
+    drafter = heads.variant.drafter(heads, base, num_draft, input_ids, mask, max_new_tokens)
     prompt_lengths = mask.sum(1).tolist()
     keyword = cache_keyword(base)
     try:
@@ -248,7 +218,7 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
         attention = mask
         if window is not None:
             attention = _position_masks(base, window, mask, positions, cache, positions.shape[1])
-        with capture_trunk(base, final=mtp) as holder:
+        with capture_trunk(base, final=final) as holder:
             logits = base(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
                           **{keyword: cache}, **options).logits
         stats.forwards += 1
@@ -274,7 +244,7 @@ def generate_with_heads(model: nn.Module, heads: MultiTokenHeads, input_ids: Ten
             slot_positions = torch.cat([slot_positions, positions], 1)
             if window is not None:
                 attention = _position_masks(base, window, attention, slot_positions, cache, width)
-            with capture_trunk(base, final=mtp) as holder:
+            with capture_trunk(base, final=final) as holder:
                 logits = base(input_ids=candidate, attention_mask=attention, position_ids=positions, use_cache=True,
                               **{keyword: cache}, **options).logits
                 stats.forwards += 1

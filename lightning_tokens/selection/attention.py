@@ -16,8 +16,8 @@ it captured.
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 from typing import Iterator, Optional
 
 import torch

@@ -8,16 +8,23 @@ from typing import Any, Literal, Optional
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
+from typing_extensions import override
 
 from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.packing import SampleView
-from lightning_tokens.modeling import ModelSpec
-from lightning_tokens.sharding import shards_with_fsdp2, warn_if_fsdp1
+from lightning_tokens.modeling import ModelSpec, is_peft_model
 from lightning_tokens.selection.attention import AttentionProbe
-from lightning_tokens.selection.history import (DisabledAdapters, EmaWeights, FrozenCopy, HistorySource, Precomputed,
-                                                ReferenceModel)
+from lightning_tokens.selection.history import (
+    DisabledAdapters,
+    EmaWeights,
+    FrozenCopy,
+    HistorySource,
+    Precomputed,
+    ReferenceModel,
+)
 from lightning_tokens.selection.scores import minmax_per_sample, mix_scores, rank_correlation, select_top
 from lightning_tokens.selection.scoring import samples_of
+from lightning_tokens.sharding import shards_with_fsdp2, warn_if_fsdp1
 from lightning_tokens.token_loss import TokenLossCallback, TokenLossContext, TokenLossDispatcher, find_causal_lm
 
 Mode = Literal["sstoken", "rho1", "loss", "attention", "random"]
@@ -203,9 +210,7 @@ class TokenSelection(TokenLossCallback):
             return Precomputed(self.history_file)
         if self.history == "ema":
             return EmaWeights(self.ema_decay, defer=self._sharded)  # sharded weights exist from on_train_start
-        from peft import PeftModel
-
-        if any(isinstance(m, PeftModel) for m in owner.modules()):
+        if is_peft_model(owner):
             if self.history_quantization is not None:
                 raise ValueError("TokenSelection.history_quantization applies to full fine-tuning only: under "
                                  "LoRA the history model is the (already frozen) base with adapters disabled")
@@ -219,6 +224,7 @@ class TokenSelection(TokenLossCallback):
             self.dispatcher = None
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -228,9 +234,11 @@ class TokenSelection(TokenLossCallback):
         self.attach(find_causal_lm(pl_module, self.model_attribute), pl_module, trainer.strategy.root_device,
                     trainer.datamodule)
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.detach()
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.warmup_per_epoch and self.warmup >= 1:
             self.epoch_warmup_batches = int(self.warmup) * trainer.accumulate_grad_batches
@@ -244,10 +252,12 @@ class TokenSelection(TokenLossCallback):
         if self.source is not None:
             self.source.on_train_start()
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self.global_step, self.epoch_batch = trainer.global_step, batch_idx
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -261,6 +271,7 @@ class TokenSelection(TokenLossCallback):
             self.metrics = {}
 
     # -- the selection -----------------------------------------------------------------------------------
+    @override
     def reshape_token_loss(self, ctx: TokenLossContext) -> None:
         response = ctx.target_mask
         # Everything per sample (min-max, top-k, rank correlation) runs on one row per sample, so a packed row's
@@ -299,15 +310,18 @@ class TokenSelection(TokenLossCallback):
 
     # -- checkpoint state --------------------------------------------------------------------------------
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(mode=self.mode, history=self.history, ratio=self.ratio, gamma=self.gamma)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state = {"global_step": self.global_step, "forwards": self.forwards, "warmup_steps": self.warmup_steps}
         if self.source is not None:
             state["history"] = self.source.state_dict()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.needs_history and self.source is None:
             self._pending_state = state_dict  # restored once the history source exists

@@ -6,7 +6,7 @@ without gradients:
 - :class:`DisabledAdapters`: LoRA/QLoRA; the same model with its adapters switched off (no copy).
 - :class:`FrozenCopy`: full fine-tuning; a frozen copy of the initial weights, optionally 8-bit or 4-bit.
 - :class:`EmaWeights`: an exponential moving average of the trainable weights, swapped in for one forward.
-- :class:`Precomputed`: a per-token loss file written by ``lightning-tokens score`` (see :mod:`.scoring`).
+- :class:`Precomputed`: a per-token loss file written by ``lightning-tokens score`` (see :mod:`.loss_table`).
 - :class:`ReferenceModel`: another model (Rho-1's reference model).
 """
 
@@ -21,9 +21,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_frozen_causal_lm
-from lightning_tokens.quantization import bnb_config, from_pretrained_quantized
 from lightning_tokens.lean_loss import DEFAULT_CHUNK, lean_token_loss
+from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_frozen_causal_lm, peft_model_of
+from lightning_tokens.quantization import bnb_config, from_pretrained_quantized
+from lightning_tokens.selection.loss_table import LossTable
 from lightning_tokens.sharding import full_tensor, is_sharded, like_shards_of, local_shard, resharded
 from lightning_tokens.token_loss import TokenLossContext, per_token_loss
 
@@ -110,12 +111,9 @@ class DisabledAdapters(HistorySource):
         self.nll = TokenNll()
 
     def setup(self, model: nn.Module, pl_module: Optional[nn.Module], device: torch.device) -> None:
-        from peft import PeftModel
-
-        owners = [m for m in (pl_module or model).modules() if isinstance(m, PeftModel)]
-        if not owners:
+        self.peft_model = peft_model_of(pl_module or model)
+        if self.peft_model is None:
             raise ValueError("DisabledAdapters needs a PEFT model")
-        self.peft_model = owners[0]
 
     def token_loss(self, ctx: TokenLossContext) -> Tensor:
         with self.peft_model.disable_adapter(), eval_mode(ctx.model):
@@ -316,8 +314,6 @@ class Precomputed(HistorySource):
         self.table = None
 
     def setup(self, model: nn.Module, pl_module: Optional[nn.Module], device: torch.device) -> None:
-        from lightning_tokens.selection.scoring import LossTable
-
         self.table = LossTable.load(self.path)
 
     def check_data(self, samples) -> None:

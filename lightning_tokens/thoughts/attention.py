@@ -31,8 +31,12 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_tokens.thoughts.fused_attention import (TextMask, WindowBuffer, fused_kernel_applies,
-                                                       fused_two_part_attention)
+from lightning_tokens.thoughts.fused_attention import (
+    TextMask,
+    WindowBuffer,
+    fused_kernel_applies,
+    fused_two_part_attention,
+)
 
 #: The name the thought attention is registered under in transformers' attention interfaces.
 IMPLEMENTATION = "lightning_tokens_thoughts"

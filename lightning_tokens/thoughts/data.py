@@ -9,12 +9,14 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.encode import Encoded, pad
 from lightning_tokens.data.module import EpochSeededSampler, ResumableDataLoader, epoch_progress
 from lightning_tokens.data.packing import PackedCollator, PackedRows
 from lightning_tokens.data.reasoning_task import ReasoningTask, render_prompt
+from lightning_tokens.lean_loss import IGNORE_INDEX
 
 
 class PlainTextDataModule(LightningDataModule):
@@ -123,6 +125,7 @@ class PlainTextDataModule(LightningDataModule):
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         return (bos + ids)[: self.max_length]
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_docs:
             return
@@ -147,7 +150,7 @@ class PlainTextDataModule(LightningDataModule):
         pad_id = self.tokenizer.pad_token_id or 0
         ids = pad(docs, pad_id)
         mask = pad([[1] * len(d) for d in docs], 0)
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
 
     def _collate_val(self, items: list[tuple[list[int], Optional[tuple[list[int], str]]]]) -> dict[str, Any]:
         batch = self._collate([doc for doc, _ in items])
@@ -159,6 +162,7 @@ class PlainTextDataModule(LightningDataModule):
             batch["answers"] = [p[1] for p in prompts]
         return batch
 
+    @override
     def train_dataloader(self) -> DataLoader:
         dataset, collate = self.train_docs, self._collate
         if self.packing:
@@ -168,6 +172,7 @@ class PlainTextDataModule(LightningDataModule):
         return ResumableDataLoader(dataset, batch_size=self.batch_size, collate_fn=collate,
                                    sampler=EpochSeededSampler(dataset, self.seed), progress=epoch_progress(self.trainer))
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_docs:
             return []

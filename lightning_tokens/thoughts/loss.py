@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from lightning_tokens.lean_loss import IGNORE_INDEX
 from lightning_tokens.thoughts.heads import MixingHead
 from lightning_tokens.thoughts.parallel import ThoughtPasses, forbid
-
-IGNORE_INDEX = -100
 
 
 @dataclass

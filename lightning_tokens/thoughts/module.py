@@ -11,17 +11,26 @@ from lightning.pytorch import LightningModule
 from tokenizers import AddedToken
 from torch import Tensor
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
 from lightning_tokens.checkpoints import check_checkpoint_file
 from lightning_tokens.checks import check_numbers
 from lightning_tokens.data.packing import is_packed, real_tokens, segment_ids
-from lightning_tokens.data.reasoning_task import check_answer
-from lightning_tokens.lean_loss import OutputProjection
+from lightning_tokens.lean_loss import IGNORE_INDEX, OutputProjection
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig, ResumesExactly, configure, parameter_groups
 from lightning_tokens.quantization import restore_4bit_quant_states
-from lightning_tokens.sharding import (ClipsMixedGradients, average_gradients, call_as_forward, data_parallel_mesh,
-                                       full_state_dict, is_sharded, shard_causal_lm, warn_if_fsdp1)
+from lightning_tokens.reasoning import check_answer
+from lightning_tokens.sharding import (
+    ClipsMixedGradients,
+    average_gradients,
+    call_as_forward,
+    data_parallel_mesh,
+    full_state_dict,
+    is_sharded,
+    shard_causal_lm,
+    warn_if_fsdp1,
+)
 from lightning_tokens.thoughts.generate import ThoughtfulOutput, thoughtful_generate
 from lightning_tokens.thoughts.heads import MixingHead, ThoughtEmbeddings
 from lightning_tokens.thoughts.loss import QuietSTaRLoss, next_token_targets, quiet_star_loss
@@ -226,6 +235,7 @@ class QuietSTaRModule(ResumesExactly, ClipsMixedGradients, LightningModule):
             out.loss, out.router_loss = out.loss + router, router.detach()
         return out.loss, out
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.quiet_star(batch["input_ids"], batch.get("attention_mask"), batch.get("labels"),
                               position_ids=batch.get("position_ids"), generator=self._thought_generator(batch_idx))
@@ -238,10 +248,11 @@ class QuietSTaRModule(ResumesExactly, ClipsMixedGradients, LightningModule):
         return out.loss
 
     # -- validation ------------------------------------------------------------------------------------
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         plain = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         nll = plain.loss - sum(model_loss_terms(self.model, plain).values())  # without a router term, as CausalLMModule
-        self.val_loss.update(nll, weight=(batch["labels"][:, 1:] != -100).sum())
+        self.val_loss.update(nll, weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self.log("val/loss", self.val_loss, prog_bar=True)
         out = self.quiet_star(batch["input_ids"], batch["attention_mask"], batch.get("labels"), temperature=0.0)
         for name in _PARTS:
@@ -257,6 +268,7 @@ class QuietSTaRModule(ResumesExactly, ClipsMixedGradients, LightningModule):
                     self.val_exact_match.update(float(check_answer(text, answer)))
             self.log("val/exact_match", self.val_exact_match, prog_bar=True)
 
+    @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
@@ -282,6 +294,7 @@ class QuietSTaRModule(ResumesExactly, ClipsMixedGradients, LightningModule):
         return self._gathered(generate, input_ids, attention_mask)[0]  # sharded: every rank generates
 
     # -- optimisation and export -----------------------------------------------------------------------
+    @override
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (FSDP2), shard the model (see :mod:`lightning_tokens.sharding`) as one unit.
 
@@ -297,11 +310,13 @@ class QuietSTaRModule(ResumesExactly, ClipsMixedGradients, LightningModule):
         if mesh is not None:
             shard_causal_lm(self.model, mesh, self.trainer.precision, layers=False)
 
+    @override
     def on_after_backward(self) -> None:
         mesh = data_parallel_mesh(self)
         if mesh is not None and is_sharded(self.model):
             average_gradients([*self.mixing_head.parameters(), *self.thought_embeddings.parameters()], mesh)
 
+    @override
     def configure_optimizers(self) -> dict:
         groups = parameter_groups(self.named_parameters(), self.optim.weight_decay)
         return configure(self.optim, groups, self.total_training_steps())
@@ -315,10 +330,12 @@ class QuietSTaRModule(ResumesExactly, ClipsMixedGradients, LightningModule):
         seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
         return torch.Generator(self.device).manual_seed(seed)
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["thought_seed"] = self._thought_seed
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self._thought_seed = checkpoint.get("thought_seed")

@@ -17,7 +17,7 @@ from typing import Callable, Literal, Optional, Union
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from lightning_tokens.lean_loss import IGNORE_INDEX
 
 #: ``"all"``, a number of positions per row (``int >= 1``) or a share of each row's candidates (``0 < float <= 1``).
 ThinkAt = Union[Literal["all"], int, float]
