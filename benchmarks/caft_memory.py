@@ -24,6 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lightning_tokens.lean_loss import IGNORE_INDEX
+
 
 def build(args):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -38,12 +40,12 @@ def build(args):
     model.to(args.device, dtype=getattr(torch, args.dtype))
     ids = torch.randint(0, args.vocab, (args.batch, args.length), device=args.device)
     labels = ids.clone()
-    labels[:, : args.length // 4] = -100  # a prompt: only the response is a target
+    labels[:, : args.length // 4] = IGNORE_INDEX  # a prompt: only the response is a target
     return model, ids, torch.ones_like(ids), labels
 
 
 def naive_step(model, heads, ids, mask, labels, beta=0.01, gamma=0.8):
-    from lightning_tokens.heads import capture_trunk
+    from lightning_tokens.caft import capture_trunk
 
     with capture_trunk(model) as holder:
         main = model(input_ids=ids, attention_mask=mask).logits
@@ -59,7 +61,7 @@ def naive_step(model, heads, ids, mask, labels, beta=0.01, gamma=0.8):
 def run_variant(args) -> dict:
     import lightning.pytorch as pl
 
-    from lightning_tokens.heads import ConceptAwareFineTuning, MultiTokenHeads
+    from lightning_tokens.caft import ConceptAwareFineTuning, MultiTokenHeads
 
     torch.set_flush_denormal(True)
     model, ids, mask, labels = build(args)

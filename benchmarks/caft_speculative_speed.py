@@ -33,13 +33,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from lightning_tokens.caft import MultiTokenHeads, MultiTokenHeadsModule, generate_with_heads, self_distill
 from lightning_tokens.data.encode import prompt_ids
 from lightning_tokens.data.module import SFTDataModule
 from lightning_tokens.data.reasoning_task import ReasoningTask
-from lightning_tokens.heads import MultiTokenHeads, MultiTokenHeadsModule, generate_with_heads, self_distill
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
-from lightning_tokens.module import CausalLMModule
 from lightning_tokens.optim import OptimizerConfig
+from lightning_tokens.sft import CausalLMModule
 
 
 def trainer(steps: int, callbacks=(), val: bool = False) -> pl.Trainer:

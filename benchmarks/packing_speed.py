@@ -38,6 +38,7 @@ from lightning_tokens.data.packing import (
     model_inputs,
     real_token_count,
 )
+from lightning_tokens.lean_loss import IGNORE_INDEX
 
 
 def embedded_samples(tokenizer, easy: bool = False) -> tuple[list, int]:
@@ -58,7 +59,7 @@ def lognormal_samples(vocab: int, count: int = 600, seed: int = 0) -> tuple[list
         length = min(2048, max(16, round(math.exp(generator.gauss(math.log(200), 0.8)))))
         prompt = max(1, int(0.3 * length))
         ids = [generator.randrange(3, vocab) for _ in range(length)]
-        samples.append(Encoded(ids, [-100] * prompt + ids[prompt:], prompt, f"synthetic {i}"))
+        samples.append(Encoded(ids, [IGNORE_INDEX] * prompt + ids[prompt:], prompt, f"synthetic {i}"))
     return samples, 2048
 
 

@@ -7,8 +7,8 @@ vocabulary 151,936) and the embedded tokenizer is used. The baseline is the same
 bf16 base and plain AdamW, in its own process, in the same run. Validation and checkpoints are off; the first
 ``--warmup`` optimizer steps are not timed.
 
-    python benchmarks/qlora_gpu.py --steps 40       # on one GPU, about 3 minutes
-    python benchmarks/qlora_gpu.py --smoke          # CPU check of the script: a 2-layer model, a few steps
+    python -m benchmarks.qlora_speed --steps 40       # on one GPU, about 3 minutes
+    python -m benchmarks.qlora_speed --smoke          # CPU check of the script: a 2-layer model, a few steps
 """
 
 from __future__ import annotations

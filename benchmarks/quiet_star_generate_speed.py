@@ -21,8 +21,8 @@ import torch
 
 from benchmarks.common import synchronize, timed
 from lightning_tokens.modeling import ModelSpec
-from lightning_tokens.thoughts import QuietSTaRModule, parallel_thoughts
-from lightning_tokens.thoughts.parallel import forbid
+from lightning_tokens.quiet_star import QuietSTaRModule, parallel_thoughts
+from lightning_tokens.quiet_star.parallel import forbid
 
 
 @torch.no_grad()

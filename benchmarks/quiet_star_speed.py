@@ -25,7 +25,7 @@ import torch
 from benchmarks.common import timed
 from benchmarks.quiet_star_generate_speed import naive_thoughtful_generate  # the reference's re-run
 from lightning_tokens.modeling import ModelSpec
-from lightning_tokens.thoughts import QuietSTaRModule
+from lightning_tokens.quiet_star import QuietSTaRModule
 
 
 def saved_bytes(fn) -> int:

@@ -1,6 +1,6 @@
 """The main job (configs/sft/tiny.yaml) end to end: wall time, final held-out exact match, peak memory.
 
-    python benchmarks/sft_main_job.py [--config configs/sft/tiny.yaml]
+    python -m benchmarks.sft_speed [--config configs/sft/tiny.yaml]
 """
 
 from __future__ import annotations

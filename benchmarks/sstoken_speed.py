@@ -23,9 +23,10 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from lightning_tokens.lean_loss import IGNORE_INDEX
 from lightning_tokens.modeling import enable_activation_checkpointing
-from lightning_tokens.selection import TokenSelection
-from lightning_tokens.selection.scoring import score_dataloader
+from lightning_tokens.sstoken import TokenSelection
+from lightning_tokens.sstoken.precompute import score_dataloader
 
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -47,12 +48,12 @@ def batches(n, batch, length, vocab, device, seed=0):
         mask = torch.ones_like(ids)
         labels = ids.clone()
         prompt = length // 4
-        labels[:, :prompt] = -100
+        labels[:, :prompt] = IGNORE_INDEX
         # ragged ends: the last rows are right-padded
         for row in range(1, batch):
             cut = length - row * length // (4 * batch)
             mask[row, cut:] = 0
-            labels[row, cut:] = -100
+            labels[row, cut:] = IGNORE_INDEX
         out.append({k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()})
     return out
 

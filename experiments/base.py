@@ -69,9 +69,10 @@ from lightning_tokens.data.encode import pad, prompt_ids
 from lightning_tokens.data.module import SFTDataModule
 from lightning_tokens.data.packing import real_token_count
 from lightning_tokens.data.reasoning_task import PRESETS, ReasoningTask, check_answer, extract_answer
+from lightning_tokens.files import atomic_path
 from lightning_tokens.modeling import ModelSpec, load_frozen_causal_lm
-from lightning_tokens.module import CausalLMModule
 from lightning_tokens.optim import OptimizerConfig
+from lightning_tokens.sft import CausalLMModule
 
 ROOT = Path(__file__).resolve().parent.parent / "runs" / "pretrained-base"  # of the repository, from any cwd
 DIFFICULTIES = tuple(PRESETS)  # easy, medium, hard
@@ -327,9 +328,8 @@ def _build(settings: BaseSettings, evaluation: EvalSettings, final: Path) -> Non
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------- command line

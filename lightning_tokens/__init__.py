@@ -1,4 +1,12 @@
-"""lightning-tokens: token-level training methods for Hugging Face causal LMs as Lightning plugins."""
+"""lightning-tokens: token-level training methods for Hugging Face causal LMs as Lightning plugins.
+
+One name per method, the same everywhere: its package ``lightning_tokens/<method>``, its configs
+``configs/<method>/<model>.yaml`` and, where it has them, its benchmarks ``benchmarks/<method>_<speed|memory>.py``
+and its evidence protocol ``experiments/protocols/<method>.py``. The methods: ``sft`` (plain fine-tuning,
+:mod:`lightning_tokens.sft`), ``sstoken`` (token selection), ``caft`` (multi-token heads), ``quiet_star`` (thought
+tokens) and ``budget`` (budget guidance). The 0.1 names ``selection``, ``heads``, ``thoughts`` and ``module`` still
+import, as aliases of the same modules (:mod:`lightning_tokens._renamed`).
+"""
 
 from lightning_tokens.budget import (
     BudgetForcing,
@@ -10,11 +18,7 @@ from lightning_tokens.budget import (
     collect_traces,
     estimate_thinking_length,
 )
-from lightning_tokens.data.module import SFTDataModule
-from lightning_tokens.data.packing import PackedCollator, PackingError
-from lightning_tokens.data.reasoning_task import ReasoningTask
-from lightning_tokens.data.tokenizer import load_task_tokenizer
-from lightning_tokens.heads import (
+from lightning_tokens.caft import (
     ConceptAwareFineTuning,
     MultiTokenHeads,
     MultiTokenHeadsModule,
@@ -22,15 +26,19 @@ from lightning_tokens.heads import (
     generate_with_heads,
     self_distill,
 )
+from lightning_tokens.data.module import SFTDataModule
+from lightning_tokens.data.packing import PackedCollator, PackingError
+from lightning_tokens.data.reasoning_task import ReasoningTask
+from lightning_tokens.data.tokenizer import load_task_tokenizer
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
-from lightning_tokens.module import CausalLMModule
 from lightning_tokens.optim import OptimizerConfig, ResumesExactly
 from lightning_tokens.predict import PredictionWriter
 from lightning_tokens.quantization import keep_4bit_weights_unpacked
+from lightning_tokens.quiet_star import QuietSTaRModule, thoughtful_generate
+from lightning_tokens.quiet_star.data import PlainTextDataModule
 from lightning_tokens.reasoning import check_answer, extract_answer
-from lightning_tokens.selection import TokenSelection
-from lightning_tokens.thoughts import QuietSTaRModule, thoughtful_generate
-from lightning_tokens.thoughts.data import PlainTextDataModule
+from lightning_tokens.sft import CausalLMModule
+from lightning_tokens.sstoken import TokenSelection
 from lightning_tokens.token_loss import (
     LogitsNotKept,
     PlainLoss,

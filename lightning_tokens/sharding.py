@@ -37,7 +37,7 @@ _PRECISIONS = {"bf16-mixed": (torch.bfloat16, torch.float32), "16-mixed": (torch
 
 
 def data_parallel_mesh(pl_module: Any) -> Optional[Any]:
-    """The data-parallel device mesh ``ModelParallelStrategy`` gave ``pl_module``, or ``None`` under any other strategy."""
+    """The data-parallel device mesh ``ModelParallelStrategy`` gave ``pl_module``; ``None`` under other strategies."""
     try:
         mesh = pl_module.device_mesh
     except (AttributeError, RuntimeError):

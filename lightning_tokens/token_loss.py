@@ -247,8 +247,8 @@ def router_aux_coefficient(model: nn.Module) -> float:
     coefficient = getattr(lm.config.get_text_config(), "router_aux_loss_coef", None)
     if coefficient is None:
         raise UnsupportedLoss(f"{type(lm).__name__} returns an aux_loss but has no router_aux_loss_coef (model "
-                              "attribute or config) saying how much of it its own loss adds, so lightning-tokens cannot "
-                              "add it")
+                              "attribute or config) saying how much of it its own loss adds, so lightning-tokens "
+                              "cannot add it")
     return float(coefficient)
 
 
@@ -598,7 +598,8 @@ def without_logits(output: Any) -> Any:
                                             "__doc__": cls.__doc__, "__dataclass_fields__": fields})
         _LEAN_OUTPUTS[cls] = lean
     if "logits" in output.keys():
-        OrderedDict.__delitem__(output, "logits")  # ModelOutput forbids __delitem__; the key must not linger in to_tuple()
+        # ModelOutput forbids __delitem__; the key must not linger in to_tuple().
+        OrderedDict.__delitem__(output, "logits")
     output.__dict__.pop("logits", None)
     output.__class__ = lean
     return output

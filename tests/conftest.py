@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +16,12 @@ torch.set_num_threads(1)
 torch.set_flush_denormal(True)
 
 TINY_SIZES = {
-    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "mistral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "mistral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4),
     "deepseek_v3": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
@@ -72,3 +76,40 @@ def tokenizer():
     from lightning_tokens.data.tokenizer import load_task_tokenizer
 
     return load_task_tokenizer()
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """Hub names resolve to a tiny saved Llama and the task tokenizer: hub configs instantiate offline.
+
+    Returns the list of hub names that were requested.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_tokens.data.tokenizer import load_task_tokenizer
+    from lightning_tokens.modeling import ModelSpec, load_causal_lm
+
+    local = tmp_path / "hub-stand-in"
+    model, tokenizer = load_causal_lm(ModelSpec(config={"model_type": "llama", "hidden_size": 32,
+                                                        "intermediate_size": 64, "num_hidden_layers": 2}))
+    model.save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    requested = []
+
+    def stand_in(original):
+        def from_pretrained(cls, name, *args, **kwargs):
+            if not Path(str(name)).exists():
+                requested.append(name)
+                name = local
+                kwargs.pop("trust_remote_code", None)
+            return original(cls, name, *args, **kwargs)
+
+        return classmethod(from_pretrained)
+
+    # ModelSpec reads a hub model's config first when it is given an attn_implementation to check.
+    monkeypatch.setattr(AutoConfig, "from_pretrained", stand_in(AutoConfig.from_pretrained.__func__))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        stand_in(AutoModelForCausalLM.from_pretrained.__func__))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, name, *a, **k: load_task_tokenizer()))
+    return requested

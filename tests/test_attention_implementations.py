@@ -12,10 +12,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import padded_rows
 from lightning_tokens import modeling
-from lightning_tokens.heads import MultiTokenHeads, capture_trunk
+from lightning_tokens.caft import MultiTokenHeads, capture_trunk
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
-from lightning_tokens.thoughts import QuietSTaRModule
-from lightning_tokens.thoughts.parallel import check_supported
+from lightning_tokens.quiet_star import QuietSTaRModule
+from lightning_tokens.quiet_star.parallel import check_supported
 
 LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
@@ -101,7 +101,8 @@ def test_layer_heads_on_falcon_reproduce_its_last_layer_with_padding():
 
 def test_layer_heads_refuse_falcon_with_alibi_at_construction_and_resblocks_run():
     model, _ = load_causal_lm(ModelSpec(config=FALCON_ALIBI))
-    with pytest.raises(ValueError, match="model type 'falcon' take '(alibi|attention_mask)' with a position bias.*architecture='resblock'"):
+    with pytest.raises(ValueError, match="model type 'falcon' take '(alibi|attention_mask)' with a position bias"
+                                         ".*architecture='resblock'"):
         MultiTokenHeads(model, num_heads=2)
     heads = MultiTokenHeads(model, num_heads=2, architecture="resblock")
     with torch.no_grad():  # W starts at zero; with b at zero too, x + SiLU(W x + b) is the identity
@@ -143,7 +144,7 @@ def test_quiet_star_refuses_alibi_added_to_the_mask_of_the_attention_interface()
 
 
 def test_quiet_star_takes_soft_capped_attention_and_refuses_attention_sinks():
-    # Gemma 2 soft-caps its attention scores, which the thought attention applies (tests/test_thoughts_families.py);
+    # Gemma 2 soft-caps its attention scores, which the thought attention applies (tests/test_quiet_star_families.py);
     # gpt-oss's sinks it would silently leave out.
     QuietSTaRModule(ModelSpec(config=GEMMA2), n_thoughts=1, thought_length=1, n_ahead_talk=1)
     with pytest.raises(ValueError, match=r"model type 'gpt_oss' uses attention sinks \(s_aux\)"):

@@ -136,12 +136,14 @@ def test_long_traces_keep_true_targets_and_unfinished_ones_are_counted(tokenizer
     long_thought = "\n".join(f"{i}+{i}={2 * i}" for i in range(40))
     records = [
         Record({"prompt": "Compute 1 + 2.", "completion": "<think>\n1+2=3\n</think>\nThe answer is 3."}, "a"),
-        Record({"prompt": "Compute 9 + 9.", "completion": f"<think>\n{long_thought}\n</think>\nThe answer is 18."}, "b"),
+        Record({"prompt": "Compute 9 + 9.", "completion": f"<think>\n{long_thought}\n</think>\nThe answer is 18."},
+               "b"),
         Record({"prompt": "Compute 4 + 4.", "completion": "<think>\n4+4=8 and no end"}, "c"),
     ]
     samples, report = encode_traces(records, tokenizer, max_length=40)
     assert (report.kept, report.truncated, report.no_think_end) == (2, 1, 1)
-    full = tokenizer("Compute 9 + 9.")["input_ids"] + tokenizer(records[1].fields["completion"], add_special_tokens=False)["input_ids"]
+    full = (tokenizer("Compute 9 + 9.")["input_ids"]
+            + tokenizer(records[1].fields["completion"], add_special_tokens=False)["input_ids"])
     S, E = ids(tokenizer, "<think>", "</think>")
     expected = naive_targets(full, len(tokenizer("Compute 9 + 9.")["input_ids"]), S, E)[:40]
     assert samples[1].remaining == expected and len(samples[1].input_ids) == 40
@@ -235,7 +237,8 @@ def test_hook_capture_during_generate_equals_a_full_forward(lm):
 
     with HiddenStateCapture(model) as capture:
         out = model.generate(**enc, logits_processor=[Spy()], max_new_tokens=4, do_sample=False, pad_token_id=0)
-    mask = torch.cat([enc["attention_mask"], torch.ones(2, out.shape[1] - enc["input_ids"].shape[1], dtype=torch.long)], 1)
+    generated = out.shape[1] - enc["input_ids"].shape[1]
+    mask = torch.cat([enc["attention_mask"], torch.ones(2, generated, dtype=torch.long)], 1)
     full = model(out, attention_mask=mask, output_hidden_states=True).hidden_states
     for sequence, states in seen:
         position = sequence.shape[1] - 1
@@ -411,7 +414,8 @@ def test_batched_guided_generate_equals_each_row_alone_and_a_naive_loop(model_ty
     budgets = [4.0, 30.0]
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
-    with BudgetGuidanceLogitsProcessor(model, predictor, tokenizer, budgets, min_rate=0.0, min_shape=0.0, min_mode=-1.0) as guide:
+    with BudgetGuidanceLogitsProcessor(model, predictor, tokenizer, budgets, min_rate=0.0, min_shape=0.0,
+                                       min_mode=-1.0) as guide:
         batch = model.generate(**enc, logits_processor=[guide], **options)[:, enc["input_ids"].shape[1]:]
         for row, (prompt, budget) in enumerate(zip(prompts, budgets)):
             one = tokenizer([prompt], return_tensors="pt")
@@ -495,7 +499,8 @@ def test_budget_forcing_closes_thinking_at_the_budget_with_the_cue(lm):
     enc = tokenizer(["Compute 1 + 2.<think>", "Compute 12 + 30 - 4.<think>\n"], return_tensors="pt", padding=True)
     budgets = [3, 6]
     forcing = BudgetForcing(tokenizer, budgets, answer_cue="\nThe answer is")
-    out = model.generate(**enc, logits_processor=[forcing], max_new_tokens=14, do_sample=False, pad_token_id=0, eos_token_id=None)
+    out = model.generate(**enc, logits_processor=[forcing], max_new_tokens=14, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
     for row, budget in enumerate(budgets):
         full = out[row].tolist()
         start = max(i for i, tok in enumerate(full) if tok == S)

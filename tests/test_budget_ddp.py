@@ -16,10 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ddp_training_with_two_cpu_processes(tmp_path):
     out = tmp_path / "p.pt"
-    command = [sys.executable, "-m", "lightning_tokens.cli", "fit", "--config", "configs/budget-predictor/tiny.yaml",
+    command = [sys.executable, "-m", "lightning_tokens.cli", "fit", "--config", "configs/budget/tiny.yaml",
                "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
-               "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-               "--data.init_args.task.num_train", "32", "--data.init_args.task.num_val", "8", "--data.init_args.batch_size", "4",
+               "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+               "--trainer.enable_progress_bar", "false", "--data.init_args.task.num_train", "32",
+               "--data.init_args.task.num_val", "8", "--data.init_args.batch_size", "4",
                "--model.init_args.predictor_path", str(out), "--trainer.default_root_dir", str(tmp_path),
                "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.logger.init_args.save_dir", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}

@@ -1,4 +1,7 @@
-"""Budget predictor training: loss against a naive computation, frozen LM, checkpoints, nf4, configs (DDP: test_budget_ddp.py)."""
+"""Budget predictor training: loss against a naive computation, frozen LM, checkpoints, nf4, configs.
+
+DDP runs are in test_budget_ddp.py.
+"""
 
 from __future__ import annotations
 
@@ -93,7 +96,7 @@ def test_configs_parse(name, capsys):
     from lightning_tokens.cli import build_cli
 
     with pytest.raises(SystemExit) as exit_info:
-        build_cli(["fit", "--config", str(ROOT / "configs/budget-predictor" / name), "--print_config"])
+        build_cli(["fit", "--config", str(ROOT / "configs/budget" / name), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "lightning_tokens.budget.BudgetPredictorModule" in printed and "TraceDataModule" in printed

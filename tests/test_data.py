@@ -186,7 +186,8 @@ def test_invalid_datamodule_arguments_name_the_field():
 # -- bad files: one error naming the file, the line (or record) and the field --------------------------------
 def test_non_utf8_bytes_name_the_file_line_and_column(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes((json.dumps(ROWS[0]) + "\n").encode() + '{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1"))
+    path.write_bytes((json.dumps(ROWS[0]) + "\n").encode()
+                     + '{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
         read_file(path)
     whole = tmp_path / "latin1.json"
@@ -205,7 +206,8 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path, suffix):
 
 @pytest.mark.parametrize("role", ["wizard", 7])
 def test_an_unknown_chat_role_is_named(tmp_path, role):
-    messages = [{"role": "user", "content": "hi"}, {"role": role, "content": "x"}, {"role": "assistant", "content": "y"}]
+    messages = [{"role": "user", "content": "hi"}, {"role": role, "content": "x"},
+                {"role": "assistant", "content": "y"}]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
     with pytest.raises(DataError, match=rf"chat\.jsonl:1: messages\[1\]\.role is {role!r}; use one of system, user"):
         read_file(path)

@@ -9,7 +9,7 @@ import pytest
 from conftest import padded_rows
 from lightning_tokens import CausalLMModule, ModelSpec
 from lightning_tokens.budget.traces import collect_traces
-from lightning_tokens.heads import MultiTokenHeads, generate_with_heads
+from lightning_tokens.caft import MultiTokenHeads, generate_with_heads
 
 MOE = {
     "mixtral": dict(model_type="mixtral", num_local_experts=4),

@@ -23,7 +23,8 @@ def build(model_type="llama", tie=False, **overrides):
 
 
 def batch(side="right"):
-    rows = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46], [26, 43, 38, 32, 79, 50, 28], [8, 41, 97 - 1, 9, 71, 69, 39, 9]]
+    rows = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46], [26, 43, 38, 32, 79, 50, 28],
+            [8, 41, 97 - 1, 9, 71, 69, 39, 9]]
     ids, mask = padded_rows(rows, 12, side)
     labels = ids.clone()
     labels[mask == 0] = -100
@@ -282,7 +283,7 @@ def test_token_selection_keeps_the_same_tokens_with_the_same_loss_and_gradients(
 
 def naive_caft_loss(model, heads, data, beta, gamma, s):
     """CE_0 + beta s sum_k gamma^k CE_k from full logits of the model and of every head, with autograd."""
-    from lightning_tokens.heads import capture_trunk
+    from lightning_tokens.caft import capture_trunk
 
     with capture_trunk(model) as holder:
         logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits

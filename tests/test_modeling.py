@@ -64,9 +64,11 @@ def test_qlora_training_lowers_the_loss_in_30_steps(quantization, tokenizer):
     # the loss much; a wider init gives the base (and so LoRA) room, as a pretrained model would.
     spec = ModelSpec(config=tiny_config(initializer_range=0.2), quantization=quantization, compute_dtype="float32",
                      lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0})
-    module = CausalLMModule(model=spec, optimizer=OptimizerConfig(name="adamw8bit", lr=1e-2, warmup=0, schedule="constant"))
+    module = CausalLMModule(model=spec,
+                            optimizer=OptimizerConfig(name="adamw8bit", lr=1e-2, warmup=0, schedule="constant"))
     assert is_quantized(module.model)
-    frozen = {n: p.detach().clone() for n, p in module.model.named_parameters() if not p.requires_grad and p.dtype != torch.uint8}
+    frozen = {n: p.detach().clone() for n, p in module.model.named_parameters()
+              if not p.requires_grad and p.dtype != torch.uint8}
     batches = _batches(tokenizer)
     before = _mean_loss(module, batches)
     trainer = pl.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -80,7 +82,8 @@ def test_qlora_training_lowers_the_loss_in_30_steps(quantization, tokenizer):
 
 
 def test_fp4_loads_and_runs():
-    model, tok = load_causal_lm(ModelSpec(config=tiny_config(), quantization="fp4", compute_dtype="float32", lora={"r": 2}))
+    model, tok = load_causal_lm(ModelSpec(config=tiny_config(), quantization="fp4", compute_dtype="float32",
+                                          lora={"r": 2}))
     ids = tok(["Compute 3 + 4."], return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(input_ids=ids).logits).all()
 

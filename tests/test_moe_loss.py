@@ -222,7 +222,7 @@ def test_token_selection_trains_on_its_tokens_plus_the_router_term(layout):
 
 def test_caft_adds_its_heads_to_transformers_own_loss():
     from lightning_tokens import ConceptAwareFineTuning
-    from lightning_tokens.heads import capture_trunk
+    from lightning_tokens.caft import capture_trunk
 
     model = build("qwen2_moe")
     holder = pl.LightningModule()

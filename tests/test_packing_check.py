@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from lightning_tokens.caft import MultiTokenHeadsModule
 from lightning_tokens.data.encode import Encoded
 from lightning_tokens.data.packing import PackedCollator, PackingError
-from lightning_tokens.heads import MultiTokenHeadsModule
 from lightning_tokens.modeling import ModelSpec, decoder_of, load_causal_lm
 from lightning_tokens.token_loss import PlainLoss, TokenLossDispatcher
 

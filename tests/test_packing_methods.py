@@ -286,7 +286,7 @@ def test_budget_predictor_sees_each_packed_trace_alone(tmp_path):
 def test_precomputed_history_of_packed_batches_equals_that_of_padded_ones():
     """``lightning-tokens score`` on packed batches writes the table it writes on padded ones, and the table
     gives every sample of a packed row its own losses (TokenSelection(history="precomputed"))."""
-    from lightning_tokens.selection.scoring import score_dataloader
+    from lightning_tokens.sstoken.precompute import score_dataloader
 
     model = load("full")
     cpu = torch.device("cpu")

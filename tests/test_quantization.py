@@ -167,7 +167,8 @@ def test_gradients_after_an_eval_forward_under_no_grad_equal_those_before(hidden
         assert torch.equal(before[name], after[name]), name
     for name, m in model.named_modules():
         if isinstance(m, bnb.nn.Linear4bit):
-            assert torch.equal(m.weight.data, stored[name][0]) and torch.equal(m.weight.quant_state.absmax, stored[name][1])
+            assert torch.equal(m.weight.data, stored[name][0])
+            assert torch.equal(m.weight.quant_state.absmax, stored[name][1])
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -208,7 +209,8 @@ def test_fit_of_the_qlora_yaml_with_validation_inside(tmp_path, monkeypatch):
                      "--data.init_args.batch_size", "16", "--model.init_args.max_new_tokens", "4",
                      "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"])
     metrics = cli.trainer.callback_metrics
-    assert cli.trainer.global_step == 8 and torch.isfinite(metrics["val/loss"]) and torch.isfinite(metrics["train/loss"])
+    assert cli.trainer.global_step == 8
+    assert torch.isfinite(metrics["val/loss"]) and torch.isfinite(metrics["train/loss"])
     model = causal_lm_of(cli.model.model)
     assert four_bit_layers(model) and not any(layer.support_avx512bf16_for_cpu for layer in four_bit_layers(model))
     assert (tmp_path / "runs/sft-qlora-tiny/checkpoints/last.ckpt").is_file()

@@ -19,7 +19,8 @@ def test_every_config_and_notebook_path_in_the_readme_exists():
 
 
 def test_every_class_named_in_the_readme_is_public_api():
-    names = set(re.findall(r"`([A-Z][A-Za-z0-9]+)`", README)) | set(re.findall(r"import ([A-Z]\w+(?:, [A-Z]\w+)*)", README))
+    names = (set(re.findall(r"`([A-Z][A-Za-z0-9]+)`", README))
+             | set(re.findall(r"import ([A-Z]\w+(?:, [A-Z]\w+)*)", README)))
     names = {n.strip() for group in names for n in group.split(",")}
     assert {"CausalLMModule", "TokenSelection"} <= names
     import lightning.pytorch as pl

@@ -77,7 +77,8 @@ def test_render_prompt_and_completion_format():
 def test_determinism_and_seeds():
     task = ReasoningTask(num_train=50, num_val=20, style="mixed", noise=0.1)
     assert task.records("train") == ReasoningTask(num_train=50, num_val=20, style="mixed", noise=0.1).records("train")
-    assert task.records("train") != ReasoningTask(num_train=50, num_val=20, seed=1, style="mixed", noise=0.1).records("train")
+    reseeded = ReasoningTask(num_train=50, num_val=20, seed=1, style="mixed", noise=0.1)
+    assert task.records("train") != reseeded.records("train")
     assert generate_problems(30, seed=5) == generate_problems(30, seed=5)
     assert generate_problems(30, seed=5) != generate_problems(30, seed=6)
 

@@ -18,12 +18,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import tiny_config
 from lightning_tokens.budget import BudgetPredictorModule, TraceDataModule
+from lightning_tokens.caft import MultiTokenHeadsModule
 from lightning_tokens.data.module import SFTDataModule
 from lightning_tokens.data.reasoning_task import ReasoningTask
-from lightning_tokens.heads import MultiTokenHeadsModule
 from lightning_tokens.modeling import ModelSpec
 from lightning_tokens.optim import OptimizerConfig
-from lightning_tokens.thoughts import QuietSTaRModule
+from lightning_tokens.quiet_star import QuietSTaRModule
 
 BATCHES, EPOCHS = 4, 2
 # a cosine schedule with warm-up: every step's learning rate depends on the run's total steps

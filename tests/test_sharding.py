@@ -17,8 +17,6 @@ from typing import Optional
 import pytest
 import torch
 
-from test_cli import offline_hub  # noqa: F401  (a fixture)
-
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 TINY = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -111,7 +109,7 @@ SCRIPT = textwrap.dedent('''
             from lightning_tokens import ConceptAwareFineTuning
 
             if options.get("separate"):  # heads with unembeddings of their own, attached before fit
-                from lightning_tokens.heads import MultiTokenHeads
+                from lightning_tokens.caft import MultiTokenHeads
 
                 module.caft_heads = MultiTokenHeads(module.model, num_heads=2, separate_unembedding=True)
             callbacks.append(ConceptAwareFineTuning(num_heads=2, beta=0.5, train_heads=True, schedule="constant"))
@@ -154,8 +152,8 @@ def sharded_runs(tmp_path: Path, runs: dict[str, tuple[int, dict]]) -> dict[str,
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "sharded.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "TOKENIZERS_PARALLELISM": "false",
-           "PL_DISABLE_FORK": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "TOKENIZERS_PARALLELISM": "false", "PL_DISABLE_FORK": "1"}
     plan = [(str(tmp_path / name), steps, options) for name, (steps, options) in runs.items()]
     result = subprocess.run([sys.executable, str(script), json.dumps(plan)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=900)
@@ -192,7 +190,7 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
 
         caft = ConceptAwareFineTuning(num_heads=2, beta=0.5, train_heads=True, schedule="constant")
         if options.get("separate"):
-            from lightning_tokens.heads import MultiTokenHeads
+            from lightning_tokens.caft import MultiTokenHeads
 
             module.caft_heads = MultiTokenHeads(module.model, num_heads=2, separate_unembedding=True)
             caft.setup(None, module, "fit")
@@ -218,10 +216,12 @@ def replay(ranks: list[dict], **options) -> tuple[list[list[torch.Tensor]], dict
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 EMA = {"history": "ema", "ema_decay": 0.5}  # a fast average, so that three steps move it
-# Clipping (``clip``: Trainer.gradient_clip_val) where sharded and whole parameters train together, and in one plain run.
+# Clipping (``clip``: Trainer.gradient_clip_val) where sharded and whole parameters train together,
+# and in one plain run.
 CASES = {"full": dict(config=TINY), "packed": dict(config=TINY, packing=True, clip=0.5),
          "selection": dict(config=TINY, callback="selection"),
-         "selection-lora": dict(config=TINY, callback="selection", lora=LORA), "caft": dict(config=TINY, callback="caft"),
+         "selection-lora": dict(config=TINY, callback="selection", lora=LORA),
+         "caft": dict(config=TINY, callback="caft"),
          "selection-ema": dict(config=TINY, callback="selection", selection=EMA),
          "selection-ema-lora": dict(config=TINY, callback="selection", selection=EMA, lora=LORA),
          "stage1-heads": dict(config=TINY, module="heads"), "budget-predictor": dict(config=TINY, module="budget"),
@@ -244,7 +244,7 @@ def replay_whole_module(ranks: list[dict], spec, optimizer_config, kind: str, se
     """:func:`replay` for modules that compute their loss themselves: the stage-1 heads and the budget predictor
     (which train beside a frozen model) and Quiet-STaR."""
     from lightning_tokens import BudgetPredictorModule, MultiTokenHeadsModule
-    from lightning_tokens.heads.loss import weighted_sum
+    from lightning_tokens.caft.loss import weighted_sum
     from lightning_tokens.optim import build_optimizer, parameter_groups
 
     if kind == "heads":
@@ -269,7 +269,8 @@ def replay_whole_module(ranks: list[dict], spec, optimizer_config, kind: str, se
         def loss_of(batch):
             return module.step(batch)[0].mean()
     module.train()
-    optimizer = build_optimizer(optimizer_config, parameter_groups(trained.named_parameters(), optimizer_config.weight_decay))
+    optimizer = build_optimizer(optimizer_config,
+                                parameter_groups(trained.named_parameters(), optimizer_config.weight_decay))
     losses = []
     for step in range(STEPS):
         step_losses = [loss_of(rank["seen"][step]["batch"]) for rank in ranks]
@@ -416,7 +417,7 @@ def test_the_fsdp_config_shards_with_model_parallel_strategy(offline_hub):
 
 def test_stage1_heads_and_the_budget_predictor_are_written_whole_from_sharded_runs(sharded):
     from lightning_tokens import BudgetPredictor
-    from lightning_tokens.heads import MultiTokenHeads
+    from lightning_tokens.caft import MultiTokenHeads
     from lightning_tokens.modeling import ModelSpec, load_causal_lm
 
     model, _ = load_causal_lm(ModelSpec(config=TINY))
@@ -459,7 +460,8 @@ def test_bf16_mixed_precision_computes_in_bf16_and_keeps_float32_weights(sharded
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
     assert mixed_precision("32-true") is None
     bf16, fp32 = sharded["bf16-mixed"], sharded["full"]
-    differences = [abs(float(bf16[r]["seen"][s]["loss"] - fp32[r]["seen"][s]["loss"])) for r in (0, 1) for s in range(STEPS)]
+    differences = [abs(float(bf16[r]["seen"][s]["loss"] - fp32[r]["seen"][s]["loss"]))
+                   for r in (0, 1) for s in range(STEPS)]
     assert 0 < max(differences) < 0.05
     assert all(value.dtype == torch.float32 for value in bf16[0]["weights"].values() if value.is_floating_point())
 
@@ -471,7 +473,8 @@ def test_the_fsdp1_strategy_gets_one_warning_naming_what_to_use():
 
     from lightning_tokens.sharding import warn_if_fsdp1
 
-    with pytest.warns(UserWarning, match=r"TokenSelection: strategy 'fsdp' \(FSDP1\) is not tested.*ModelParallelStrategy"):
+    with pytest.warns(UserWarning,
+                      match=r"TokenSelection: strategy 'fsdp' \(FSDP1\) is not tested.*ModelParallelStrategy"):
         warn_if_fsdp1(SimpleNamespace(strategy=FSDPStrategy()), "TokenSelection")
     import warnings
 

@@ -75,7 +75,8 @@ def hand_loss(model, batch, weight_fn):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     mask = targets != -100
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), targets.clamp_min(0).reshape(-1), reduction="none").view_as(targets)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), targets.clamp_min(0).reshape(-1),
+                         reduction="none").view_as(targets)
     weights = weight_fn(mask).float() * mask
     return (ce * weights).sum() / weights.sum(), (ce * mask).sum() / mask.sum()
 

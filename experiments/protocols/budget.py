@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from experiments.protocols.jobs import cpu_trainer, run_all, same_settings
+from lightning_tokens.files import atomic_path
 
 #: Every setting of the part (``quick`` overrides a few).
 SETTINGS = dict(preset="easy", style="mixed", task_seed=300, trace_seed=301, num_finetune=2048, finetune_batch=16,
@@ -161,9 +162,8 @@ def train_predictor(settings: dict[str, Any], seed: int, out: str) -> dict:
         data.setup("fit")
     else:
         cpu_trainer(max_epochs=settings["predictor_epochs"]).fit(module, datamodule=data)
-        tmp = out_dir / "predictor.pt.tmp"
-        module.predictor.save(tmp)
-        os.replace(tmp, trained)
+        with atomic_path(trained) as tmp:
+            module.predictor.save(tmp)
 
     # Held-out statistics at the realised next tokens, and the rows no training trace ever reached.
     module.eval()
@@ -513,8 +513,7 @@ def write_plot(forced: dict, guided_runs: list[dict], path: Path) -> Optional[Pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -139,7 +139,7 @@ def build_heads(base: str, settings: dict[str, Any], out: Path) -> dict:
     import lightning.pytorch as pl
 
     from lightning_tokens import OptimizerConfig, ReasoningTask, SFTDataModule
-    from lightning_tokens.heads import MultiTokenHeadsModule, self_distill
+    from lightning_tokens.caft import MultiTokenHeadsModule, self_distill
     from lightning_tokens.modeling import ModelSpec
 
     s1 = settings["stage1"]
@@ -228,7 +228,7 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], heads: 
     import torch
 
     from lightning_tokens import CausalLMModule, ModelSpec, OptimizerConfig, SFTDataModule
-    from lightning_tokens.heads import ConceptAwareFineTuning
+    from lightning_tokens.caft import ConceptAwareFineTuning
 
     torch.set_flush_denormal(True)
     if method == "stage1":

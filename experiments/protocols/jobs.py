@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_tokens.files import atomic_path
+
 ROOT = Path(__file__).resolve().parents[2]  # the repository: runs start there
 
 
@@ -164,9 +166,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     result = importlib.import_module(f"experiments.protocols.{part}").run_one(**kwargs)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

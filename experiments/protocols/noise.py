@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from lightning_tokens.data.encode import Encoded
 from lightning_tokens.data.module import SFTDataModule
+from lightning_tokens.lean_loss import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class NoisySFTDataModule(SFTDataModule):
         dataset = super()._encode(records, split)
         if split != "train" or self.noise.noisy_fraction == 0:
             return dataset
-        from lightning_tokens.selection.scoring import sample_key
+        from lightning_tokens.sstoken.loss_table import sample_key
 
         tok = self.tokenizer
         filler = filler_ids(tok, self.task.corpus("train")[:200_000])
@@ -99,6 +100,6 @@ class NoisySFTDataModule(SFTDataModule):
                 continue
             noisy, noise = inject(sample, rng, self.noise, filler, digits, think)
             dataset.samples[index] = noisy
-            targets = [flag for flag, label in zip(noise, noisy.labels) if label != -100]
+            targets = [flag for flag, label in zip(noise, noisy.labels) if label != IGNORE_INDEX]
             self.noise_masks[sample_key(noisy.input_ids, noisy.labels)] = targets
         return dataset

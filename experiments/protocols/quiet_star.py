@@ -64,13 +64,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from experiments.protocols.jobs import cpu_trainer, in_process_step, run_all, same_settings
+from lightning_tokens.files import atomic_path
 
 #: The part's settings (see the module docstring for why).
 SETTINGS = dict(
@@ -85,7 +85,6 @@ METHODS = ("quiet_star", "plain_compute", "plain_steps")
 #: Run on the first seed only: Quiet-STaR with ``ablation_policy_weight`` instead of the paper's 1e6.
 ABLATION = "quiet_star_ablation"
 DIFFICULTIES = ("easy", "medium", "hard")
-IGNORE_INDEX = -100
 #: Token sets of the evaluation, in table order.
 SETS = ("all", "completion", "top_decile", "top_decile_completion", "answer_digits")
 
@@ -130,7 +129,7 @@ def text_data_module(settings: dict[str, Any], seed: int):
         settings: The part's settings (``max_length``, ``batch_size`` and those of :func:`records`).
         seed: Seed of the data order.
     """
-    from lightning_tokens.thoughts.data import PlainTextDataModule
+    from lightning_tokens.quiet_star.data import PlainTextDataModule
 
     class SequenceText(PlainTextDataModule):
         """Documents ``bos + prompt + completion + eos`` (every token a target), not the task's corpus."""
@@ -244,9 +243,8 @@ def build_heldout(base: str, settings: dict[str, Any], out: Path) -> Path:
     in_prompt = sum(p < start for chosen, start in zip(sets["top_decile"], prompt_lengths) for p in chosen)
     stats = {"documents": len(docs), **{f"tokens_{name}": sum(map(len, chosen)) for name, chosen in sets.items()},
              "top_decile_in_prompt": in_prompt / max(1, sum(map(len, sets["top_decile"])))}
-    temporary = target.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"docs": [list(doc) for doc in docs], "sets": sets, "stats": stats}))
-    os.replace(temporary, target)
+    with atomic_path(target) as temporary:
+        temporary.write_text(json.dumps({"docs": [list(doc) for doc in docs], "sets": sets, "stats": stats}))
     return target
 
 
@@ -283,7 +281,7 @@ def token_nll(model, docs: list[list[int]], batch_size: int, forbidden=None) -> 
         batch_size: Documents per forward.
         forbidden: Token ids masked out of the distribution (Quiet-STaR's delimiters). Default ``None``.
     """
-    from lightning_tokens.thoughts.parallel import forbid
+    from lightning_tokens.quiet_star.parallel import forbid
 
     out: list[list[float]] = [[] for _ in docs]
     for indices, ids, mask in _batches(docs, batch_size):
@@ -302,8 +300,8 @@ def thought_nll(module, docs: list[list[int]], batch_size: int) -> list[list[flo
         docs: Token ids per document.
         batch_size: Documents per forward.
     """
-    from lightning_tokens.thoughts import parallel_thoughts
-    from lightning_tokens.thoughts.parallel import forbid
+    from lightning_tokens.quiet_star import parallel_thoughts
+    from lightning_tokens.quiet_star.parallel import forbid
 
     lm, head = module.lm, module.lm.get_output_embeddings()
     start, end = module.thought_embeddings()
@@ -345,7 +343,7 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], heldout
     import torch
 
     from lightning_tokens import CausalLMModule, ModelSpec, OptimizerConfig
-    from lightning_tokens.thoughts import QuietSTaRModule
+    from lightning_tokens.quiet_star import QuietSTaRModule
 
     pl.seed_everything(seed, verbose=False)
     held = json.loads(Path(heldout).read_text())

@@ -80,7 +80,7 @@ def audit_callback(masks: dict[str, list[bool]]):
     """A callback counting, over noisy samples, the noise and clean target tokens that keep a weight."""
     import torch
 
-    from lightning_tokens.selection.scoring import row_keys
+    from lightning_tokens.sstoken.loss_table import row_keys
     from lightning_tokens.token_loss import TokenLossCallback
 
     class NoiseAudit(TokenLossCallback):
@@ -111,7 +111,7 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], referen
 
     from experiments.protocols.noise import NoiseSettings, NoisySFTDataModule
     from lightning_tokens import ModelSpec
-    from lightning_tokens.selection import TokenSelection
+    from lightning_tokens.sstoken import TokenSelection
 
     pl.seed_everything(seed, verbose=False)
     model = module(base, settings, seed)

@@ -8,7 +8,7 @@ calls noise out of a noisy sample must give back the clean sample, up to replace
 from experiments.protocols.noise import NoiseSettings, NoisySFTDataModule
 from lightning_tokens import ReasoningTask
 from lightning_tokens.data.tokenizer import load_task_tokenizer
-from lightning_tokens.selection.scoring import sample_key
+from lightning_tokens.sstoken.loss_table import sample_key
 
 
 def _train_samples(noise: NoiseSettings, noise_seed: int = 3):

@@ -15,7 +15,7 @@ from lightning_tokens.budget.gamma import decoded_mode, gamma_cdf, gamma_nll
 from lightning_tokens.budget.guidance import BudgetGuidanceLogitsProcessor, estimate_thinking_length, guidance_weights
 from lightning_tokens.budget.module import BudgetPredictorModule
 from lightning_tokens.budget.predictor import BudgetPredictor, PredictorConfig
-from lightning_tokens.budget.traces import collect_main, collect_traces
+from lightning_tokens.budget.traces import collect_traces
 
 __all__ = [
     "BudgetForcing",
@@ -36,3 +36,13 @@ __all__ = [
     "guidance_weights",
     "remaining_lengths",
 ]
+
+
+def __getattr__(name: str):
+    # ``collect_main`` (the ``lightning-tokens collect-traces`` command) moved to the CLI, which imports the library and
+    # never the reverse; its 0.1 import path still works, importing the CLI only when asked for.
+    if name == "collect_main":
+        from lightning_tokens.cli.commands import collect_main
+
+        return collect_main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,8 @@ class HiddenStateCapture:
         self._final: Optional[torch.Tensor] = None
         layers = decoder_layers(model)
         self._layers = [None] * len(layers)
-        self._handles = [layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        self._handles = [layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True)
+                         for i, layer in enumerate(layers)]
         self._handles.append(decoder_of(model).register_forward_hook(self._final_hook))
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ def think_token_id(tokenizer: PreTrainedTokenizerBase, token: str, field_name: s
     return ids[0]
 
 
-def remaining_lengths(input_ids: list[int], prompt_length: int, start_id: Optional[int], end_id: int) -> Optional[list[int]]:
+def remaining_lengths(input_ids: list[int], prompt_length: int, start_id: Optional[int],
+                      end_id: int) -> Optional[list[int]]:
     """Per-position targets ``L_i`` (0 outside the thinking span), or ``None`` when there is no ``</think>``.
 
     Args:
@@ -85,7 +86,8 @@ class TraceSample:
 
 
 def encode_traces(records: list[Record], tokenizer: PreTrainedTokenizerBase, max_length: int,
-                  think_start: Optional[str] = THINK_START, think_end: str = THINK_END) -> tuple[list[TraceSample], TraceReport]:
+                  think_start: Optional[str] = THINK_START,
+                  think_end: str = THINK_END) -> tuple[list[TraceSample], TraceReport]:
     """Encode prompt/completion (or messages) records into samples with remaining-length targets.
 
     Args:
@@ -232,11 +234,11 @@ class TraceDataModule(LightningDataModule):
         if train:
             dataset = PackedRows(samples, self.max_length) if self.packing else samples
             if self.packing:
-                collate = PackedCollator(self.tokenizer.pad_token_id, flash_attention=uses_flash_attention(self.trainer),
-                                         fields=("remaining",))
-            return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=EpochSeededSampler(dataset, self.seed),
-                                       collate_fn=collate, num_workers=self.num_workers,
-                                       progress=epoch_progress(self.trainer))
+                collate = PackedCollator(self.tokenizer.pad_token_id,
+                                         flash_attention=uses_flash_attention(self.trainer), fields=("remaining",))
+            return ResumableDataLoader(dataset, batch_size=self.batch_size,
+                                       sampler=EpochSeededSampler(dataset, self.seed), collate_fn=collate,
+                                       num_workers=self.num_workers, progress=epoch_progress(self.trainer))
         return DataLoader(samples, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
                           num_workers=self.num_workers)
 

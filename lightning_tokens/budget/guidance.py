@@ -100,8 +100,9 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
 
     def __init__(self, model: nn.Module, predictor: BudgetPredictor, tokenizer: PreTrainedTokenizerBase,
                  budgets: int | float | Sequence[int] | torch.Tensor, think_start: Optional[str] = THINK_START,
-                 think_end: str = THINK_END, steps: Literal["newline", "every"] = "newline", top_k: Optional[int] = None,
-                 min_rate: float = 10.0, min_shape: float = 1.0, min_mode: float = 0.9) -> None:
+                 think_end: str = THINK_END, steps: Literal["newline", "every"] = "newline",
+                 top_k: Optional[int] = None, min_rate: float = 10.0, min_shape: float = 1.0,
+                 min_mode: float = 0.9) -> None:
         if steps not in ("newline", "every"):
             raise ValueError(f"BudgetGuidanceLogitsProcessor.steps must be 'newline' or 'every', got {steps!r}")
         check_numbers("BudgetGuidanceLogitsProcessor", top_k=(top_k, "an integer >= 1 or None"),
@@ -180,7 +181,7 @@ class BudgetGuidanceLogitsProcessor(LogitsProcessor):
 
     @torch.no_grad()
     def _guide(self, scores: torch.Tensor, rows: list[int], remaining: list[float]) -> torch.Tensor:
-        """``scores`` with the rows ``rows`` (``B_rem`` of each in ``remaining``) replaced by guided log-probabilities."""
+        """``scores`` with the rows ``rows`` (``B_rem`` of each in ``remaining``) replaced by guided log-probs."""
         if len(rows) == scores.shape[0]:
             return self._guided_log_probs(scores, self.capture.last_states(), remaining).to(scores.dtype)
         index = torch.tensor(rows, device=scores.device)

@@ -105,7 +105,8 @@ class BudgetPredictorModule(ResumesExactly, LightningModule):
         if not nll.numel():
             return
         error = (decoded_mode(alpha, rate) - length).abs()
-        window_prob = gamma_cdf(alpha, rate, encode_length(length + self.window)) - gamma_cdf(alpha, rate, encode_length(length))
+        window_prob = (gamma_cdf(alpha, rate, encode_length(length + self.window))
+                       - gamma_cdf(alpha, rate, encode_length(length)))
         self.val_loss.update(nll)
         self.val_abs_error.update(error)
         self.val_within.update((error <= self.window).float())

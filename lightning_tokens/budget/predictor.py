@@ -70,10 +70,11 @@ class PredictorConfig:
         if self.body not in ("transformer", "mlp", "bert"):
             raise ValueError(f"PredictorConfig.body must be 'transformer', 'mlp' or 'bert', got {self.body!r}")
         bert = self.body == "bert"
+        width = min(self.hidden_size, 512)
         if self.heads is None:
-            self.heads = BERT_BASE["heads"] if bert else (4 if (self.d_model or min(self.hidden_size, 512)) < 256 else 8)
+            self.heads = BERT_BASE["heads"] if bert else (4 if (self.d_model or width) < 256 else 8)
         if self.d_model is None:
-            self.d_model = BERT_BASE["d_model"] if bert else max(self.heads, min(self.hidden_size, 512) // self.heads * self.heads)
+            self.d_model = BERT_BASE["d_model"] if bert else max(self.heads, width // self.heads * self.heads)
         if self.depth is None:
             self.depth = BERT_BASE["depth"] if bert else 2
         if self.dropout is None:
@@ -162,7 +163,8 @@ class BudgetPredictor(nn.Module):
             self.positions = nn.Parameter(torch.zeros(1, c.num_states, d)) if c.layer_positions else None
             ffn = BERT_BASE["ffn"] if c.body == "bert" else 4 * d
             layer = nn.TransformerEncoderLayer(d, c.heads, ffn, c.dropout, activation="gelu", batch_first=True,
-                                               norm_first=c.body != "bert", layer_norm_eps=1e-12 if c.body == "bert" else 1e-5)
+                                               norm_first=c.body != "bert",
+                                               layer_norm_eps=1e-12 if c.body == "bert" else 1e-5)
             self.body = nn.TransformerEncoder(layer, c.depth, enable_nested_tensor=False)
             self.final_norm = nn.LayerNorm(d) if c.body != "bert" else nn.Identity()
         self.alpha_head = nn.Linear(d, c.vocab_size, bias=False)
@@ -183,7 +185,8 @@ class BudgetPredictor(nn.Module):
         base = causal_lm_of(model)
         hidden = base.get_output_embeddings().in_features
         vocab = base.get_output_embeddings().out_features
-        return cls(PredictorConfig(hidden_size=hidden, num_states=len(decoder_layers(model)) + 1, vocab_size=vocab, **overrides))
+        return cls(PredictorConfig(hidden_size=hidden, num_states=len(decoder_layers(model)) + 1, vocab_size=vocab,
+                                   **overrides))
 
     # -- forward ---------------------------------------------------------------------------------------
     def features(self, states: torch.Tensor) -> torch.Tensor:
@@ -241,8 +244,8 @@ class BudgetPredictor(nn.Module):
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": asdict(self.config), "state_dict": self.state_dict() if state_dict is None else state_dict},
-                   path)
+        weights = self.state_dict() if state_dict is None else state_dict
+        torch.save({"config": asdict(self.config), "state_dict": weights}, path)
         return path
 
     @classmethod

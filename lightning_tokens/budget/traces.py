@@ -1,13 +1,13 @@
 """Collect reasoning traces with the frozen model itself, so the predictor learns that model's own lengths.
 
 ``collect_traces`` generates a completion per prompt and returns (and optionally writes as JSONL)
-``{"prompt", "completion", ...}`` records that :class:`TraceDataModule` reads. ``collect_main`` is its
-command line: ``python -m lightning_tokens.budget.traces --model runs/sft/export --out traces.jsonl``.
+``{"prompt", "completion", ...}`` records that :class:`TraceDataModule` reads. Its command line is
+``lightning-tokens collect-traces --model runs/sft/export --out traces.jsonl``
+(:func:`lightning_tokens.cli.commands.collect_main`).
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -80,46 +80,7 @@ def collect_traces(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     return out
 
 
-def collect_main(argv: Optional[Sequence[str]] = None) -> None:
-    """Command line: traces of a saved model on the embedded task's prompts (or a JSONL of prompts)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lightning_tokens.data.reasoning_task import ReasoningTask
-    from lightning_tokens.data.records import READERS, DataError
-
-    parser = argparse.ArgumentParser(description=collect_main.__doc__)
-    parser.add_argument("--model", required=True, help="hub name or directory of the frozen LM")
-    parser.add_argument("--out", required=True, help="output JSONL")
-    parser.add_argument("--prompts", help="JSONL/JSON/parquet of records with 'prompt' (default: the embedded task)")
-    parser.add_argument("--split", default="train", choices=("train", "val"))
-    parser.add_argument("--num", type=int, default=None, help="use the first N prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--sample", action="store_true")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    args = parser.parse_args(argv)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
-        from lightning_tokens.data.tokenizer import load_task_tokenizer
-
-        tokenizer = load_task_tokenizer()
-    if args.prompts:
-        path = Path(args.prompts)
-        if path.suffix.lower() not in READERS or not path.exists():
-            raise DataError(f"{path}: need an existing .jsonl, .json or .parquet file of records with 'prompt'")
-        prompts = [r.fields for r in READERS[path.suffix.lower()](path)]
-        missing = [i for i, p in enumerate(prompts) if not isinstance(p, dict) or not isinstance(p.get("prompt"), str)]
-        if missing:
-            raise DataError(f"{path}: record {missing[0]} has no string field 'prompt'")
-    else:
-        prompts = [{"prompt": r["prompt"], "answer": r["answer"]} for r in ReasoningTask(style="mixed").records(args.split)]
-    rows = collect_traces(model, tokenizer, prompts[: args.num], args.out, args.max_new_tokens, args.batch_size,
-                          args.sample, args.temperature)
-    done = sum(r["finished"] for r in rows)
-    print(f"wrote {len(rows)} traces to {args.out} ({len(rows) - done} without </think>)")
-
-
 if __name__ == "__main__":
-    collect_main()
+    # 0.1 ran the command here; it lives in the CLI now, which this library module does not import.
+    raise SystemExit("python -m lightning_tokens.budget.traces moved: run `lightning-tokens collect-traces` "
+                     "(or `python -m lightning_tokens.cli collect-traces`) with the same options")

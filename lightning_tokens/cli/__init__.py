@@ -22,7 +22,7 @@ import sys
 import warnings
 from typing import Optional
 
-from lightning_tokens.cli.commands import EXTRA_COMMANDS, score_main
+from lightning_tokens.cli.commands import EXTRA_COMMANDS, collect_main, score_main
 from lightning_tokens.cli.lightning_cli import (
     CKPT_KEYWORDS,
     EXTRA_HELP,
@@ -34,7 +34,7 @@ from lightning_tokens.cli.lightning_cli import (
 from lightning_tokens.data.records import DataError
 
 __all__ = ["CKPT_KEYWORDS", "EXTRA_COMMANDS", "EXTRA_HELP", "TRAINER_DEFAULTS", "ConfigError", "TokensCLI",
-           "build_cli", "main", "score_main"]
+           "build_cli", "collect_main", "main", "score_main"]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -44,11 +44,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
     words = sys.argv[1:] if argv is None else argv
-    if words and words[0] in EXTRA_COMMANDS:
-        EXTRA_COMMANDS[words[0]](words[1:])
-        return
+    command = EXTRA_COMMANDS.get(words[0]) if words else None
+    # LightningCLI turns a bad value into a ConfigError (a DataError is a bad file). The other commands check their
+    # options and files before loading a model, and any ValueError they raise is a value the user has to fix.
+    bad_value = ValueError if command is not None else (ConfigError, DataError)
     try:
-        build_cli(argv)  # None: LightningCLI reads the command line itself (given as a list, it warns)
-    except (ConfigError, DataError) as error:
+        if command is not None:
+            command(words[1:])
+        else:
+            build_cli(argv)  # None: LightningCLI reads the command line itself (given as a list, it warns)
+    except bad_value as error:
         print(f"lightning-tokens: error: {error}", file=sys.stderr)
         sys.exit(2)

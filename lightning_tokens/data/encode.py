@@ -153,7 +153,8 @@ class TruncationReport:
         return f"{self.kept} kept ({self.truncated} truncated), {self.dropped} dropped"
 
 
-def apply_truncation(samples: list[Encoded], max_length: int, policy: Truncation) -> tuple[list[Encoded], TruncationReport]:
+def apply_truncation(samples: list[Encoded], max_length: int,
+                     policy: Truncation) -> tuple[list[Encoded], TruncationReport]:
     """Samples no longer than ``max_length`` tokens, under the policy.
 
     ``"truncate"`` cuts the end of an over-long sample and keeps it if a target token survives; ``"drop"``
@@ -167,7 +168,8 @@ def apply_truncation(samples: list[Encoded], max_length: int, policy: Truncation
         if len(sample.input_ids) <= max_length:
             kept.append(sample)
         elif policy == "truncate" and sample.prompt_length < max_length:
-            kept.append(Encoded(sample.input_ids[:max_length], sample.labels[:max_length], sample.prompt_length, sample.origin))
+            kept.append(Encoded(sample.input_ids[:max_length], sample.labels[:max_length], sample.prompt_length,
+                                sample.origin))
             report.truncated += 1
         else:
             report.dropped += 1

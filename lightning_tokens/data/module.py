@@ -299,8 +299,9 @@ class SFTDataModule(LightningDataModule):
         self.val_dataset = self._encode(val, "val") if val else None
         if self.packing:
             self.packed_rows = PackedRows(self.train_dataset, self.max_length)
-            rank_zero_info(f"SFTDataModule train: {len(self.train_dataset)} samples packed into {len(self.packed_rows)} "
-                           f"rows of at most {self.max_length} tokens ({self.packed_rows.fill:.1%} filled)")
+            rank_zero_info(f"SFTDataModule train: {len(self.train_dataset)} samples packed into "
+                           f"{len(self.packed_rows)} rows of at most {self.max_length} tokens "
+                           f"({self.packed_rows.fill:.1%} filled)")
 
     def _collator(self, generation: bool) -> SFTCollator:
         return SFTCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, generation=generation)

@@ -1,16 +1,5 @@
-"""ssToken token selection (with Rho-1, loss-only, attention-only and random baselines)."""
+"""0.1 name of :mod:`lightning_tokens.sstoken` (``scores`` is now ``formulas``, ``scoring`` is ``precompute``)."""
 
-from lightning_tokens.selection.callback import TokenSelection
-from lightning_tokens.selection.loss_table import LossTable
+from lightning_tokens._renamed import alias
 
-__all__ = ["LossTable", "TokenSelection", "score_main"]
-
-
-def __getattr__(name: str):
-    # ``score_main`` (the ``lightning-tokens score`` command) moved to the CLI, which imports the library and never
-    # the reverse; its old import path still works, importing the CLI only when asked for.
-    if name == "score_main":
-        from lightning_tokens.cli.commands import score_main
-
-        return score_main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+alias(__name__, "lightning_tokens.sstoken", renamed={"scores": "formulas", "scoring": "precompute"})

@@ -1,27 +1,5 @@
-"""Quiet-STaR: thought tokens learned from plain text, and generation that thinks before every token.
+"""0.1 name of :mod:`lightning_tokens.quiet_star` (``heads`` is now ``mixing``)."""
 
-- :class:`QuietSTaRModule`: the LightningModule (continued pretraining with thoughts).
-- :func:`parallel_thoughts`: every position's (or the ``think_at`` positions') thoughts in one pass per token,
-  attending to the text's keys held once and to their own window (:mod:`.attention`).
-- :func:`quiet_star_loss`: the paper's NLL + REINFORCE loss.
-- :func:`thoughtful_generate`: think on a KV cache allocated once, mix, emit; the next token overwrites the thought.
-"""
+from lightning_tokens._renamed import alias
 
-from lightning_tokens.thoughts.generate import ThoughtfulOutput, thoughtful_generate
-from lightning_tokens.thoughts.heads import MixingHead, ThoughtEmbeddings
-from lightning_tokens.thoughts.loss import QuietSTaRLoss, next_token_targets, quiet_star_loss
-from lightning_tokens.thoughts.module import QuietSTaRModule
-from lightning_tokens.thoughts.parallel import ThoughtPasses, parallel_thoughts
-
-__all__ = [
-    "MixingHead",
-    "QuietSTaRLoss",
-    "QuietSTaRModule",
-    "ThoughtEmbeddings",
-    "ThoughtPasses",
-    "ThoughtfulOutput",
-    "next_token_targets",
-    "parallel_thoughts",
-    "quiet_star_loss",
-    "thoughtful_generate",
-]
+alias(__name__, "lightning_tokens.quiet_star", renamed={"heads": "mixing"})

@@ -28,14 +28,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import padded_rows, tiny_config
 from lightning_tokens import CausalLMModule, ModelSpec, OptimizerConfig
+from lightning_tokens.caft import generate_with_heads
 from lightning_tokens.data.packing import PackedCollator, model_inputs
-from lightning_tokens.heads import generate_with_heads
-from lightning_tokens.thoughts.attention import two_part_attention
+from lightning_tokens.quiet_star.attention import two_part_attention
 from lightning_tokens.token_loss import PlainLoss, TokenLossDispatcher
-from test_heads_speculative_batch import MAX_NEW, PROMPTS, early_eos, greedy, noisy_heads
+from test_caft_speculative_batch import MAX_NEW, PROMPTS, early_eos, greedy, noisy_heads
 from test_packing import sample, tiny_model
-from test_thoughts import N_THOUGHTS, TALK, THOUGHT_LENGTH, make_module, run_passes
-from test_thoughts import batch as thought_batch
+from test_quiet_star import N_THOUGHTS, TALK, THOUGHT_LENGTH, make_module, run_passes
+from test_quiet_star import batch as thought_batch
 
 ON_CPU = os.environ.get("LT_GPU_TESTS_ON_CPU") == "1"
 # Collected everywhere (an import the CPU tests broke shows on every run), run only on CUDA or when asked.
