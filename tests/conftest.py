@@ -71,6 +71,16 @@ def _as_on_an_avx512bf16_cpu(monkeypatch):
     yield
 
 
+@pytest.fixture(params=["fused", "chunked"])
+def thought_attention_path(request, monkeypatch):
+    """Both implementations of Quiet-STaR's thought attention: the fused CPU kernel and the chunks GPUs run."""
+    if request.param == "chunked":
+        from lightning_tokens.quiet_star import attention
+
+        monkeypatch.setattr(attention, "fused_kernel_applies", lambda *args: False)
+    return request.param
+
+
 @pytest.fixture
 def tokenizer():
     from lightning_tokens.data.tokenizer import load_task_tokenizer

@@ -146,6 +146,23 @@ def loss_and_gradients(module, batch):
     return out, {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
+def assert_equal_to_the_growing_cache(monkeypatch, module, batch, loss_atol=1e-10, gradient_tolerance=None):
+    """The parallel passes' loss parts and gradients against :func:`cached_parallel_thoughts` on ``batch``: loss parts
+    within ``loss_atol``, each gradient within ``gradient_tolerance(expected)`` (default rtol 1e-7, atol 1e-9).
+    Returns the growing cache's gradients, for a caller to check which parameters have one."""
+    out, grads = loss_and_gradients(module, batch)
+    monkeypatch.setattr(thoughts_module, "parallel_thoughts", cached_parallel_thoughts)
+    expected, expected_grads = loss_and_gradients(module, batch)
+    assert out.mixed_nll > 0 and expected_grads
+    for name in ("loss", "base_nll", "mixed_nll", "policy_loss", "reward"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=0, atol=loss_atol, msg=name)
+    assert grads.keys() == expected_grads.keys()
+    for name, value in expected_grads.items():
+        tolerance = gradient_tolerance(value) if gradient_tolerance else dict(rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(grads[name], value, **tolerance, msg=name)
+    return expected_grads
+
+
 @pytest.mark.parametrize("n_thoughts", [1, 2])
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gpt2"])
@@ -159,15 +176,7 @@ def test_passes_give_the_loss_and_gradients_of_the_growing_cache(monkeypatch, mo
     module = module.double()
     g = torch.Generator().manual_seed(5)
     batch = padded_rows([torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 4, 7)], 10, side)
-    out, grads = loss_and_gradients(module, batch)
-    monkeypatch.setattr(thoughts_module, "parallel_thoughts", cached_parallel_thoughts)
-    expected, expected_grads = loss_and_gradients(module, batch)
-    assert out.mixed_nll > 0 and expected_grads
-    for name in ("loss", "base_nll", "mixed_nll", "policy_loss", "reward"):
-        torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=0, atol=1e-10, msg=name)
-    assert grads.keys() == expected_grads.keys()
-    for name, value in expected_grads.items():
-        torch.testing.assert_close(grads[name], value, rtol=1e-7, atol=1e-9, msg=name)
+    assert_equal_to_the_growing_cache(monkeypatch, module, batch)
 
 
 def test_attention_dropout_has_the_gradient_of_its_own_forward():

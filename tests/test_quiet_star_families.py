@@ -12,8 +12,6 @@ of ``test_quiet_star_attention`` and dense attention.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,13 +20,11 @@ from conftest import padded_rows
 from lightning_tokens import lean_loss
 from lightning_tokens.modeling import ModelSpec, decoder_of
 from lightning_tokens.quiet_star import QuietSTaRModule, parallel, parallel_thoughts
-from lightning_tokens.quiet_star import attention as thought_attention
-from lightning_tokens.quiet_star import module as thoughts_module
 from lightning_tokens.quiet_star.attention import two_part_attention
 from lightning_tokens.quiet_star.parallel import sample_tokens
 from test_quiet_star import N_THOUGHTS, TALK, THOUGHT_LENGTH, TOL, naive_branch, run_passes
-from test_quiet_star_attention import cached_parallel_thoughts, dense_reference, loss_and_gradients
-from test_quiet_star_generate import naive_generate
+from test_quiet_star_attention import assert_equal_to_the_growing_cache, dense_reference
+from test_quiet_star_generate import assert_generate_equals_naive
 
 _SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 #: Post-processing of logits of a few units (see :func:`post_module`): the cap below their largest, not far below.
@@ -48,19 +44,7 @@ WINDOW = 4
 EAGER_PRECISION = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@pytest.fixture(params=["fused", "chunked"])
-def path(request, monkeypatch):
-    """Both implementations of the thought passes' attention: the fused CPU kernel and the chunks GPUs run."""
-    if request.param == "chunked":
-        monkeypatch.setattr(thought_attention, "fused_kernel_applies", lambda *args: False)
-    return request.param
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def family_module(config: dict, **options) -> QuietSTaRModule:
@@ -286,7 +270,7 @@ def test_the_soft_cap_matters_in_the_gemma2_tests():
 
 @torch.no_grad()
 @pytest.mark.parametrize("sliding_window", [4096, WINDOW])
-def test_soft_capped_passes_equal_naive_sequential_generation(path, sliding_window):
+def test_soft_capped_passes_equal_naive_sequential_generation(thought_attention_path, sliding_window):
     module = soft_capped_module(sliding_window).eval()
     ids, mask = padded_rows([[5, 17, 33, 8, 90, 41, 7], [12, 250, 3, 64, 19]], 7, "right")
     passes = run_passes(module, ids, mask)
@@ -308,21 +292,16 @@ def test_soft_capped_passes_equal_naive_sequential_generation(path, sliding_wind
     assert compared > 20
 
 
-def test_soft_capped_loss_and_gradients_equal_the_growing_cache(monkeypatch, path):
+def test_soft_capped_loss_and_gradients_equal_the_growing_cache(monkeypatch, thought_attention_path):
     """transformers' own eager attention (which soft-caps) on a growing cache gives the same loss and gradients (to
     the precision of its float32 softmax)."""
     module = soft_capped_module(thought_length=2, n_ahead_talk=2, policy_weight=1.0)
     g = torch.Generator().manual_seed(5)
     batch = padded_rows([torch.randint(3, 300, (n,), generator=g).tolist() for n in (8, 5)], 8, "left")
-    out, grads = loss_and_gradients(module, batch)
-    monkeypatch.setattr(thoughts_module, "parallel_thoughts", cached_parallel_thoughts)
-    expected, expected_grads = loss_and_gradients(module, batch)
-    assert out.mixed_nll > 0 and any(".self_attn.k_proj." in name for name in expected_grads)
-    for name in ("loss", "base_nll", "mixed_nll", "policy_loss", "reward"):
-        torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=0, atol=1e-6, msg=name)
-    assert grads.keys() == expected_grads.keys()
-    for name, value in expected_grads.items():
-        torch.testing.assert_close(grads[name], value, rtol=0, atol=EAGER_PRECISION * value.abs().max(), msg=name)
+    expected_grads = assert_equal_to_the_growing_cache(
+        monkeypatch, module, batch, loss_atol=1e-6,
+        gradient_tolerance=lambda value: dict(rtol=0, atol=EAGER_PRECISION * value.abs().max()))
+    assert any(".self_attn.k_proj." in name for name in expected_grads)
 
 
 # -- a sliding window in some layers ----------------------------------------------------------------------------
@@ -334,7 +313,7 @@ def test_each_layer_keeps_its_own_window(case):
 @torch.no_grad()
 @pytest.mark.parametrize("think_at", ["all", 3])
 @pytest.mark.parametrize("case", list(WINDOWED))
-def test_windowed_passes_equal_naive_sequential_generation(case, think_at, path):
+def test_windowed_passes_equal_naive_sequential_generation(case, think_at, thought_attention_path):
     """Rows of 9 and 7 tokens, 7 passes after the text: the window of 4 hides text keys, and at the later passes the
     query's own position and its first thought keys too."""
     module = windowed_module(case).eval()
@@ -364,32 +343,18 @@ def test_windowed_passes_equal_naive_sequential_generation(case, think_at, path)
 
 
 @pytest.mark.parametrize("case", list(WINDOWED))
-def test_windowed_loss_and_gradients_equal_the_growing_cache(monkeypatch, case, path):
+def test_windowed_loss_and_gradients_equal_the_growing_cache(monkeypatch, case, thought_attention_path):
     module = windowed_module(case, thought_length=2, n_ahead_talk=3, policy_weight=1.0)
     g = torch.Generator().manual_seed(5)
     batch = padded_rows([torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 6)], 9, "left")
-    out, grads = loss_and_gradients(module, batch)
-    monkeypatch.setattr(thoughts_module, "parallel_thoughts", cached_parallel_thoughts)
-    expected, expected_grads = loss_and_gradients(module, batch)
-    assert out.mixed_nll > 0 and expected_grads
-    for name in ("loss", "base_nll", "mixed_nll", "policy_loss", "reward"):
-        torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=0, atol=1e-10, msg=name)
-    assert grads.keys() == expected_grads.keys()
-    for name, value in expected_grads.items():
-        torch.testing.assert_close(grads[name], value, rtol=1e-7, atol=1e-9, msg=name)
+    assert_equal_to_the_growing_cache(monkeypatch, module, batch)
 
 
 @pytest.mark.parametrize("case", list(WINDOWED))
 def test_windowed_thoughtful_generate_equals_naive_recomputation(case):
     """Prompts of 6 tokens, 4 new ones and thoughts of 3: the window of 4 hides most of the text."""
     module = windowed_module(case).eval()
-    prompts = [[1, 17, 25, 40, 9, 12], [1, 33, 8, 5]]
-    ids, mask = padded_rows(prompts, 6, "left")
-    out = module.generate(ids, mask, max_new_tokens=4, eos_token_id=None, return_thoughts=True)
-    for row, prompt in enumerate(prompts):
-        tokens, thoughts = naive_generate(module, prompt, 4)
-        assert out.sequences[row, 6:].tolist() == tokens
-        assert out.thoughts[row].tolist() == thoughts
+    assert_generate_equals_naive(module, [[1, 17, 25, 40, 9, 12], [1, 33, 8, 5]], 4)
 
 
 def test_a_layer_type_the_passes_do_not_know_is_refused():

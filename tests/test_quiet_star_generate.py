@@ -53,21 +53,26 @@ def naive_generate(module: QuietSTaRModule, prompt: list[int], new_tokens: int):
     return tokens[len(prompt):], thoughts
 
 
+def assert_generate_equals_naive(module: QuietSTaRModule, prompts: list[list[int]], new_tokens: int):
+    """``module.generate`` on ``prompts`` left-padded into one batch gives each row the tokens and thoughts
+    :func:`naive_generate` gives the prompt alone; returns the batch's output."""
+    width = max(map(len, prompts))
+    ids, mask = padded_rows(prompts, width, "left")
+    out = module.generate(ids, mask, max_new_tokens=new_tokens, eos_token_id=None, return_thoughts=True)
+    for row, prompt in enumerate(prompts):
+        tokens, thoughts = naive_generate(module, prompt, new_tokens)
+        assert out.sequences[row, width:].tolist() == tokens
+        assert out.thoughts[row].tolist() == thoughts
+    return out
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_thoughtful_generate_equals_naive_recomputation_with_left_padded_batch(model_type):
     module = make_module(model_type)
-    prompts = [[1, 17, 25, 40, 9], [1, 33, 8], [1, 60, 61, 62]]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = module.generate(ids, mask, max_new_tokens=4, eos_token_id=None, return_thoughts=True)
-    assert out.sequences.shape == (3, width + 4)
+    out = assert_generate_equals_naive(module, [[1, 17, 25, 40, 9], [1, 33, 8], [1, 60, 61, 62]], 4)
+    assert out.sequences.shape == (3, 5 + 4)
     assert out.thoughts.shape == (3, 4, THOUGHT_LENGTH) and out.mixing_weights.shape == (3, 4)
     assert out.mixing_weights.abs().sum() > 0
-    for row, prompt in enumerate(prompts):
-        tokens, thoughts = naive_generate(module, prompt, 4)
-        assert out.sequences[row, width:].tolist() == tokens
-        assert out.thoughts[row].tolist() == thoughts
 
 
 def test_delimiters_are_never_emitted_nor_thought_even_when_most_likely():

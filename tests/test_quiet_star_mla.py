@@ -5,8 +5,6 @@ dense attention, naive sequential re-runs, the growing-cache passes and the full
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -17,12 +15,10 @@ from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.modeling import ModelSpec
 from lightning_tokens.optim import OptimizerConfig
 from lightning_tokens.quiet_star import QuietSTaRModule
-from lightning_tokens.quiet_star import attention as thought_attention
-from lightning_tokens.quiet_star import module as thoughts_module
 from lightning_tokens.quiet_star.attention import two_part_attention
 from test_quiet_star import N_THOUGHTS, TALK, THOUGHT_LENGTH, TOL, naive_branch, run_passes
-from test_quiet_star_attention import cached_parallel_thoughts, dense_reference, loss_and_gradients
-from test_quiet_star_generate import naive_generate
+from test_quiet_star_attention import assert_equal_to_the_growing_cache, dense_reference
+from test_quiet_star_generate import assert_generate_equals_naive
 
 # conftest's deepseek_v3 has query/key heads of 8 + 8 = 16 and value heads of 8
 MLA = {
@@ -35,19 +31,7 @@ MLA = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@pytest.fixture(params=["fused", "chunked"])
-def path(request, monkeypatch):
-    """Both implementations of the thought passes' attention: the fused CPU kernel and the chunks GPUs run."""
-    if request.param == "chunked":
-        monkeypatch.setattr(thought_attention, "fused_kernel_applies", lambda *args: False)
-    return request.param
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def deepseek_module(case: str, **options) -> QuietSTaRModule:
@@ -101,7 +85,7 @@ def test_the_cases_cover_both_head_size_orders_and_a_scale_of_their_own():
 
 @pytest.mark.parametrize("case", list(MLA))
 @torch.no_grad()
-def test_parallel_thoughts_equal_naive_sequential_generation(case, path):
+def test_parallel_thoughts_equal_naive_sequential_generation(case, thought_attention_path):
     module = deepseek_module(case, thought_length=THOUGHT_LENGTH, n_ahead_talk=TALK, n_thoughts=N_THOUGHTS).eval()
     ids, mask = padded_rows([[5, 17, 33, 8, 90, 41, 7], [12, 250, 3, 64, 19]], 7, "right")
     passes = run_passes(module, ids, mask)
@@ -123,31 +107,18 @@ def test_parallel_thoughts_equal_naive_sequential_generation(case, path):
 
 
 @pytest.mark.parametrize("case", list(MLA))
-def test_loss_and_gradients_equal_the_growing_cache(monkeypatch, case, path):
+def test_loss_and_gradients_equal_the_growing_cache(monkeypatch, case, thought_attention_path):
     module = deepseek_module(case, thought_length=2, n_ahead_talk=2, n_thoughts=2, policy_weight=1.0)
     g = torch.Generator().manual_seed(5)
     batch = padded_rows([torch.randint(3, 300, (n,), generator=g).tolist() for n in (8, 5)], 8, "left")
-    out, grads = loss_and_gradients(module, batch)
-    monkeypatch.setattr(thoughts_module, "parallel_thoughts", cached_parallel_thoughts)
-    expected, expected_grads = loss_and_gradients(module, batch)
-    assert out.mixed_nll > 0 and any(".self_attn.kv_b_proj." in name for name in expected_grads)
-    for name in ("loss", "base_nll", "mixed_nll", "policy_loss", "reward"):
-        torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=0, atol=1e-10, msg=name)
-    assert grads.keys() == expected_grads.keys()
-    for name, value in expected_grads.items():
-        torch.testing.assert_close(grads[name], value, rtol=1e-7, atol=1e-9, msg=name)
+    expected_grads = assert_equal_to_the_growing_cache(monkeypatch, module, batch)
+    assert any(".self_attn.kv_b_proj." in name for name in expected_grads)
 
 
 @pytest.mark.parametrize("case", list(MLA))
 def test_thoughtful_generate_equals_naive_recomputation(case):
     module = deepseek_module(case, thought_length=3, n_ahead_talk=2).eval()  # naive_generate's thought length
-    prompts = [[1, 17, 25, 40, 9], [1, 33, 8]]
-    ids, mask = padded_rows(prompts, 5, "left")
-    out = module.generate(ids, mask, max_new_tokens=3, eos_token_id=None, return_thoughts=True)
-    for row, prompt in enumerate(prompts):
-        tokens, thoughts = naive_generate(module, prompt, 3)
-        assert out.sequences[row, 5:].tolist() == tokens
-        assert out.thoughts[row].tolist() == thoughts
+    assert_generate_equals_naive(module, [[1, 17, 25, 40, 9], [1, 33, 8]], 3)
 
 
 def test_training_moves_the_moe_router_and_the_latent_attention(tmp_path):
