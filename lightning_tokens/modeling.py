@@ -455,8 +455,22 @@ def inference_kwargs(model: nn.Module) -> dict[str, Any]:
     Args:
         model: The causal LM, plain or wrapped (PEFT, a LightningModule's attribute).
     """
-    routed = getattr(causal_lm_of(model).config.get_text_config(), "output_router_logits", False)
-    return {"output_router_logits": False} if routed else {}
+    return {"output_router_logits": False} if collects_router_logits(model) else {}
+
+
+def collects_router_logits(model: nn.Module) -> bool:
+    """Whether ``model``'s config asks its forwards for router logits (a mixture-of-experts model set up to train with
+    its load-balancing loss, ``output_router_logits``); ``model`` plain or wrapped."""
+    return bool(getattr(causal_lm_of(model).config.get_text_config(), "output_router_logits", False))
+
+
+def has_position_bias(attention_mask: Any) -> bool:
+    """Whether an additive attention mask holds anything but 0 and large negatives: a position bias added to it
+    (ALiBi, as Falcon adds it), which code building its own mask would leave out. Bool masks and ``None`` hold none."""
+    if not isinstance(attention_mask, torch.Tensor) or not attention_mask.is_floating_point():
+        return False
+    hidden = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+    return bool((attention_mask.masked_fill(hidden, 0) != 0).any())
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

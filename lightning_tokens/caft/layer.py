@@ -16,7 +16,14 @@ from torch import Tensor, nn
 
 from lightning_tokens.caft.trunk import Trunk, causal_additive_mask
 from lightning_tokens.caft.variant import HeadVariant
-from lightning_tokens.modeling import CACHE_KEYWORDS, cache_keyword, causal_lm_of, decoder_layers, decoder_of
+from lightning_tokens.modeling import (
+    CACHE_KEYWORDS,
+    cache_keyword,
+    causal_lm_of,
+    decoder_layers,
+    decoder_of,
+    has_position_bias,
+)
 
 if TYPE_CHECKING:
     from lightning_tokens.caft.heads import MultiTokenHeads
@@ -92,7 +99,7 @@ def unused_layer_arguments(model: nn.Module, layer: nn.Module) -> tuple[str, ...
         handle.remove()
     given = calls[0].arguments if calls else {}
     biased = [name for name in required if given.get(name) is not None]
-    if _is_biased_mask(given.get("attention_mask")):
+    if has_position_bias(given.get("attention_mask")):
         biased.append("attention_mask")
     if biased:
         model_type = getattr(base.config, "model_type", type(base).__name__)
@@ -100,14 +107,6 @@ def unused_layer_arguments(model: nn.Module, layer: nn.Module) -> tuple[str, ...
                          "position bias from the model (ALiBi), which a layer head run with its own mask would leave "
                          "out; use architecture='resblock'")
     return required
-
-
-def _is_biased_mask(mask: Any) -> bool:
-    """Whether an additive attention mask holds anything but 0 and large negatives (a position bias added to it)."""
-    if not isinstance(mask, Tensor) or not mask.is_floating_point():
-        return False
-    hidden = mask <= torch.finfo(mask.dtype).min / 2
-    return bool((mask.masked_fill(hidden, 0) != 0).any())
 
 
 def _source_weight(module: nn.Module) -> Tensor:

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 
 from lightning_tokens.data.packing import segment_ids
 from lightning_tokens.lean_loss import HeadInputCapture, OutputProjection, UnsupportedLogits
-from lightning_tokens.modeling import decoder_layers, decoder_of
+from lightning_tokens.modeling import collects_router_logits, decoder_layers, decoder_of, has_position_bias
 from lightning_tokens.quiet_star.attention import DEFAULT_QUERY_CHUNK, ThoughtPassState, thought_attention_mode
 from lightning_tokens.quiet_star.positions import ThinkAt, ThoughtPositions, choose_positions, next_token_entropy
 
@@ -101,10 +101,8 @@ def _probe_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     one (an additive mask must be 0 wherever it is not a large negative); a zero output of the right shape."""
     _probe_calls.append(module)
     _probe_options.update(text for name, text in _UNAPPLIED.items() if kwargs.get(name) is not None)
-    if isinstance(attention_mask, Tensor) and attention_mask.is_floating_point():
-        hidden = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
-        if bool((attention_mask.masked_fill(hidden, 0) != 0).any()):
-            _probe_options.add(_BIASED)
+    if has_position_bias(attention_mask):
+        _probe_options.add(_BIASED)
     return value.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
 
 
@@ -273,7 +271,7 @@ def parallel_thoughts(
     chosen: Optional[ThoughtPositions] = None
     branch_positions = positions
 
-    routed = bool(getattr(lm.config.get_text_config(), "output_router_logits", False))
+    routed = collects_router_logits(lm)
     router_logits = None
 
     def step(inputs: Tensor, pass_index: int) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from lightning_tokens.lean_loss import DEFAULT_CHUNK, lean_token_loss
-from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_frozen_causal_lm, peft_model_of
+from lightning_tokens.modeling import ModelSpec, causal_lm_of, inference_kwargs, load_frozen_causal_lm, peft_model_of
 from lightning_tokens.quantization import bnb_config, from_pretrained_quantized
 from lightning_tokens.sharding import full_tensor, is_sharded, like_shards_of, local_shard, resharded
 from lightning_tokens.sstoken.loss_table import LossTable
@@ -69,9 +69,7 @@ class TokenNll:
     @torch.no_grad()
     def __call__(self, model: nn.Module, kwargs: dict[str, Any], labels: Tensor, chunk_size: int = DEFAULT_CHUNK,
                  keep_logits: bool = False) -> Tensor:
-        kwargs = {**kwargs, "use_cache": False}
-        if getattr(causal_lm_of(model).config.get_text_config(), "output_router_logits", False):
-            kwargs["output_router_logits"] = False
+        kwargs = {**kwargs, "use_cache": False, **inference_kwargs(model)}
         if keep_logits:
             return per_token_loss(model(**kwargs).logits, labels)[0]
         return lean_token_loss(model, kwargs, labels, chunk_size)
