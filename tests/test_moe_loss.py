@@ -19,6 +19,7 @@ from conftest import padded_rows
 from lightning_tokens.data.encode import Encoded
 from lightning_tokens.data.packing import PackedCollator
 from lightning_tokens.token_loss import PlainLoss, TokenLossDispatcher, UnsupportedLoss
+from test_lean_loss import Kept, assert_same_gradients, gradients
 
 VOCAB = 53
 COEF = 0.05  # larger than the usual 0.001, so that a dropped term stands far out of the tolerance
@@ -65,16 +66,6 @@ def packed() -> dict:
 
 
 BATCHES = {"right": lambda: padded("right"), "left": lambda: padded("left"), "packed": packed}
-
-
-def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_same_gradients(ours: dict, theirs: dict, atol: float = 1e-5) -> None:
-    assert ours.keys() == theirs.keys() and ours
-    for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=atol, msg=name)
 
 
 def transformers_loss(model, batch) -> tuple[torch.Tensor, dict]:
@@ -179,13 +170,6 @@ def test_without_router_logits_nothing_is_logged(tmp_path):
                          limit_val_batches=0)
     trainer.fit(module, train_dataloaders=DataLoader([padded("right")], batch_size=None))
     assert "train/loss" in trainer.callback_metrics and "train/router_loss" not in trainer.callback_metrics
-
-
-class Kept:
-    """A handler run after the callback: records which predictions keep a weight."""
-
-    def reshape_token_loss(self, ctx):
-        self.kept = ctx.weights > 0
 
 
 @pytest.mark.parametrize("layout", ["left", "packed"])
