@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from benchmarks.common import timed
 from lightning_tokens.budget import BudgetGuidanceLogitsProcessor, BudgetPredictor
 from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.data.tokenizer import load_task_tokenizer
@@ -32,18 +32,12 @@ QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def timed_generate(model, enc, new_tokens, processors):
-    sync()
-    start = time.perf_counter()
-    model.generate(**enc, logits_processor=processors, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, pad_token_id=0)
-    sync()
-    return time.perf_counter() - start
+    def generate():
+        model.generate(**enc, logits_processor=processors, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0)
+
+    return timed(generate, model.device, repeats=1, warmup=0)
 
 
 def bench(name, model, predictor, tokenizer, prompts, new_tokens, repeats, relaxed):
@@ -53,9 +47,9 @@ def bench(name, model, predictor, tokenizer, prompts, new_tokens, repeats, relax
         enc = tokenizer(prompts[:batch], return_tensors="pt", padding=True).to(model.device)
         times = {"unguided": [], "newline": [], "every": []}
         guided_steps = {"newline": 0, "every": 0}
-        # Rounds of one run per setting, so that a drift in machine speed hits every setting alike (a shared
-        # CPU drifts by tens of percent within a minute); the first round warms up. Hooks are only on the
-        # model during guided runs.
+        # Rounds of one run per setting (not common.timed, which repeats one call), so that a drift in machine
+        # speed hits every setting alike (a shared CPU drifts by tens of percent within a minute); the first
+        # round warms up. Hooks are only on the model during guided runs.
         for _ in range(repeats + 1):
             times["unguided"].append(timed_generate(model, enc, new_tokens, []))
             for steps in guided_steps:

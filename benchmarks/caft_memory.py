@@ -19,11 +19,11 @@ import json
 import resource
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import add_device_argument, synchronize, timed
 from lightning_tokens.lean_loss import IGNORE_INDEX
 
 
@@ -91,27 +91,22 @@ def run_variant(args) -> dict:
     cuda = args.device == "cuda"
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # on CPU the peak includes the warm-up step
     step()  # warm-up (allocator, kernels)
+    synchronize(args.device)
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        loss = step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    losses = []
+    seconds = timed(lambda: losses.append(step()), args.device, args.repeats, warmup=0)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
-    return {"variant": args.variant, "peak_mib": peak / 2**20, "step_s": sorted(times)[len(times) // 2], "loss": loss}
+    return {"variant": args.variant, "peak_mib": peak / 2**20, "step_s": seconds, "loss": losses[-1]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--length", type=int, default=512)

@@ -33,6 +33,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from benchmarks.common import add_device_argument
 from lightning_tokens.caft import MultiTokenHeads, MultiTokenHeadsModule, generate_with_heads, self_distill
 from lightning_tokens.data.encode import prompt_ids
 from lightning_tokens.data.module import SFTDataModule
@@ -134,7 +135,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts (rounded down to whole batches)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--num-draft", type=int, nargs="+", default=None, help="drafts per round (default: 1..K)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     preparation = parser.add_argument_group("preparation (--prepare; a cached base of other sizes is refused)")
     preparation.add_argument("--prepare", action="store_true", help="train the base and heads --out lacks")
     preparation.add_argument("--layers", type=int, default=4, help="decoder layers of the base")
@@ -182,7 +183,9 @@ def main() -> None:
         seconds = {key: 0.0 for key in ["plain", *settings]}
         counts = {s: dict(drafted=0, accepted=0, forwards=0, row_tokens=0, row_forwards=0, same=0) for s in settings}
         tokens = plain_forwards = 0
-        for ids, mask in batches:  # the decoders alternate batch by batch, so machine load hits them alike
+        # Not common.timed: the decoders alternate batch by batch, so machine load hits them alike, and their
+        # times add up over the batches (each call ends in .tolist(), which waits for the device).
+        for ids, mask in batches:
             start = time.perf_counter()
             reference = plain(ids, mask)
             seconds["plain"] += time.perf_counter() - start

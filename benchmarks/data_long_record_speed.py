@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import ratio
+
 SHORT = [{"prompt": f"Compute {i} + 1.", "completion": f"<think>\n{i}+1={i + 1}\n</think>\nThe answer is {i + 1}."}
          for i in range(20)]
 
@@ -25,7 +27,7 @@ SHORT = [{"prompt": f"Compute {i} + 1.", "completion": f"<think>\n{i}+1={i + 1}\
 def child(path: str, max_length: int) -> None:
     from lightning_tokens.data.module import SFTDataModule
 
-    started = time.perf_counter()
+    started = time.perf_counter()  # one call per process (peak RSS is per process), so not common.timed
     data = SFTDataModule(train_file=path, max_length=max_length, val_fraction=0.0)
     data.setup()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -60,8 +62,8 @@ def main() -> None:
         results[name] = run(path, args.max_length)
     base = results["baseline"]
     for name, result in results.items():
-        print(f"{name:22s} setup {result['seconds']:6.2f} s ({result['seconds'] / base['seconds']:5.2f}x)  "
-              f"peak RSS {result['peak_mib']:7.0f} MiB ({result['peak_mib'] / base['peak_mib']:4.2f}x)  "
+        print(f"{name:22s} setup {result['seconds']:6.2f} s ({ratio(result['seconds'], base['seconds']):>6})  "
+              f"peak RSS {result['peak_mib']:7.0f} MiB ({ratio(result['peak_mib'], base['peak_mib']):>5})  "
               f"{result['report']}")
 
 

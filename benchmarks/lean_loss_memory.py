@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from benchmarks.common import add_device_argument, synchronize, timed
 
 VARIANTS = ("plain", "contract", "selection", "caft", "selection-full", "caft-full")
 
@@ -40,6 +40,23 @@ def rss_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def timed_peak(step, device: str, steps: int) -> tuple[float, float]:
+    """Median seconds of ``steps`` calls of ``step`` and the peak MiB they reach above what is held before them:
+    ``torch.cuda.max_memory_allocated`` on CUDA, else the peak resident set size (``/proc/self/clear_refs``)."""
+    cuda = torch.device(device).type == "cuda"
+    synchronize(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # reset the peak resident set size
+        before = rss_kib("VmRSS")
+    seconds = timed(step, device, repeats=steps, warmup=0)
+    peak = (torch.cuda.max_memory_allocated() - before) / 2 ** 20 if cuda else (rss_kib("VmHWM") - before) / 1024
+    return seconds, peak
 
 
 def build(args):
@@ -79,37 +96,23 @@ def attach(variant: str, model):
 def run_variant(args) -> dict:
     model, batch = build(args)
     owner = attach(args.variant, model)
-    cuda = args.device == "cuda"
+    losses = []
 
-    def step() -> float:
+    def step() -> None:
         owner.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - started, loss.item()
+        losses.append(loss.item())
 
     step()  # warm-up (and the lean loss's one-time check)
     owner.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset the peak resident set size
-        before = rss_kib("VmRSS")
-    timed = [step() for _ in range(args.steps)]
-    peak = (torch.cuda.max_memory_allocated() - before) / 2 ** 20 if cuda else (rss_kib("VmHWM") - before) / 1024
-    return {"variant": args.variant, "vocab": args.vocab, "peak_mib": peak,
-            "step_s": statistics.median(t for t, _ in timed), "loss": timed[-1][1]}
+    seconds, peak = timed_peak(step, args.device, args.steps)
+    return {"variant": args.variant, "vocab": args.vocab, "peak_mib": peak, "step_s": seconds, "loss": losses[-1]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser, "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--vocabs", default="32000,151936")
     parser.add_argument("--variants", default=",".join(VARIANTS))

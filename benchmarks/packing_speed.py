@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from benchmarks.common import ratio
+from benchmarks.common import add_device_argument, ratio, synchronize
 from lightning_tokens.data.encode import Encoded, SFTCollator
 from lightning_tokens.data.packing import (
     PackedCollator,
@@ -91,13 +91,11 @@ def run(model, optimizer, data: list[dict], steps: int, device: torch.device) ->
 
     step(data[0])  # warm-up
     timed = data[1:1 + steps]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
+    synchronize(device)
+    started = time.perf_counter()  # one clock over different batches (real tokens / total time), not common.timed
     for batch in timed:
         step(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     elapsed = time.perf_counter() - started
     tokens = sum(int(real_token_count(b)) for b in timed)
     total = sum(slots(b) for b in timed)
@@ -112,7 +110,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser, "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attention", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
     args = parser.parse_args()

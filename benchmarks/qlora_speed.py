@@ -1,4 +1,4 @@
-"""Peak GPU memory and training throughput of `configs/sft/qwen2.5-1.5b-qlora.yaml`, against bf16 LoRA.
+"""Peak GPU memory and training throughput of `sft/qwen2.5-1.5b-qlora`, against bf16 LoRA.
 
 The YAML runs as written (nf4 base, double quantization, LoRA r=64 on all linear layers, gradient
 checkpointing, paged 8-bit AdamW, bf16, batch 8 x accumulate 4, the embedded task at 2-4 digits), with two
@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-CONFIG = "configs/sft/qwen2.5-1.5b-qlora.yaml"
+CONFIG = "sft/qwen2.5-1.5b-qlora"
 SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=1000)
 QWEN_1_5B = dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -38,7 +38,9 @@ def config_file(changes: dict, overrides: dict) -> str:
 
     import yaml
 
-    with open(CONFIG) as f:
+    from lightning_tokens.cli.configs import resolve_config
+
+    with open(resolve_config(CONFIG)) as f:
         config = yaml.safe_load(f)
     model = config["model"]["init_args"]
     model["model"].pop("name_or_path")
@@ -57,25 +59,24 @@ def measure(changes: dict, steps: int, warmup: int, smoke: bool = False) -> dict
     import torch
     from lightning.pytorch import Callback
 
+    from benchmarks.common import synchronize
     from lightning_tokens.cli import build_cli
 
-    class Meter(Callback):
+    device = "cpu" if smoke else "cuda"
+
+    class Meter(Callback):  # times a window of optimizer steps inside one fit, so not common.timed
         def __init__(self) -> None:
             self.tokens, self.started, self.finished = 0, None, None
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if trainer.global_step == warmup and self.started is None:
-                sync()
+                synchronize(device)
                 self.started = time.perf_counter()
             elif self.started is not None:
                 self.tokens += int(batch["attention_mask"].sum())
             if trainer.global_step == warmup + steps and self.finished is None:
-                sync()
+                synchronize(device)
                 self.finished = time.perf_counter()
-
-    def sync() -> None:
-        if not smoke:
-            torch.cuda.synchronize()
 
     args = ["--config", config_file(changes, SMOKE if smoke else {}), f"--trainer.max_steps={warmup + steps}",
             "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.enable_progress_bar=false",

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.common import synchronize, timed
+from benchmarks.common import add_device_argument, synchronize, timed
 from lightning_tokens.modeling import ModelSpec
 from lightning_tokens.quiet_star import QuietSTaRModule, parallel_thoughts
 from lightning_tokens.quiet_star.parallel import forbid
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", type=int, nargs="*", metavar="PROMPT",
                         help="also time thoughtful_generate(compile=True): at every prompt length, or at those given")
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser, "cpu")
     args = parser.parse_args()
     if args.naive_tokens > args.new_tokens:
         parser.error("--naive-tokens must not exceed --new-tokens (its tokens are checked against theirs)")

@@ -22,7 +22,7 @@ import statistics
 
 import torch
 
-from benchmarks.common import timed
+from benchmarks.common import add_device_argument, timed
 from benchmarks.quiet_star_generate_speed import naive_thoughtful_generate  # the reference's re-run
 from lightning_tokens.modeling import ModelSpec
 from lightning_tokens.quiet_star import QuietSTaRModule
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser, "cpu")
     parser.add_argument("--think-at", default="all", help="'all', a number of positions per row, or a share (0.25)")
     args = parser.parse_args()
     think_at = args.think_at if args.think_at == "all" else (float(args.think_at) if "." in args.think_at

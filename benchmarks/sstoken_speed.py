@@ -23,6 +23,7 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from benchmarks.common import add_device_argument, synchronize
 from lightning_tokens.lean_loss import IGNORE_INDEX
 from lightning_tokens.modeling import enable_activation_checkpointing
 from lightning_tokens.sstoken import TokenSelection
@@ -81,13 +82,12 @@ def measure(model, data, steps, callback=None):
     if callback is not None:
         callback.attach(model)
     times = []
-    try:
+    try:  # not common.timed: a warm-up pass over every batch, then the peak reset, and the steps cycle the batches
         for step in range(len(data) + steps):
             batch = data[step % len(data)]
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                if step == len(data):
-                    torch.cuda.reset_peak_memory_stats()
+            synchronize(device)
+            if device.type == "cuda" and step == len(data):
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             loss = model(**batch).loss
             loss.backward()
@@ -95,8 +95,7 @@ def measure(model, data, steps, callback=None):
             optimizer.zero_grad(set_to_none=True)
             if callback is not None and callback.source is not None:
                 callback.source.after_optimizer_step(model)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             if step >= len(data):
                 times.append(time.perf_counter() - start)
     finally:
@@ -132,7 +131,7 @@ def interleaved(model, data, steps, rounds, variants):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1.5b", choices=sorted(SIZES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")

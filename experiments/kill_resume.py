@@ -2,7 +2,7 @@
 an uninterrupted run of the same config (validation off, a checkpoint and a logged loss at every step).
 
     python -m experiments.kill_resume NAME CONFIG KILL_STEP [extra lightning-tokens fit options ...]
-    python -m experiments.kill_resume caft configs/caft/heads-tiny.yaml 10 --data.init_args.task.num_train 256 \
+    python -m experiments.kill_resume caft caft/heads-tiny 10 --data.init_args.task.num_train 256 \
         --data.init_args.task.num_val 8 --model.init_args.heads_path /tmp/kill_resume/caft-heads
 
 Prints the largest per-step ``train/loss`` difference from step K on and the largest difference of any tensor of

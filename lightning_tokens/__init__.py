@@ -1,12 +1,15 @@
 """lightning-tokens: token-level training methods for Hugging Face causal LMs as Lightning plugins.
 
 One name per method, the same everywhere: its package ``lightning_tokens/<method>``, its configs
-``configs/<method>/<model>.yaml`` and, where it has them, its benchmarks ``benchmarks/<method>_<speed|memory>.py``
-and its evidence protocol ``experiments/protocols/<method>.py``. The methods: ``sft`` (plain fine-tuning,
-:mod:`lightning_tokens.sft`), ``sstoken`` (token selection), ``caft`` (multi-token heads), ``quiet_star`` (thought
-tokens) and ``budget`` (budget guidance). The 0.1 names ``selection``, ``heads``, ``thoughts`` and ``module`` still
+``lightning_tokens/configs/<method>/<model>.yaml`` (named ``<method>/<model>`` on the command line) and, where it
+has them, its benchmarks ``benchmarks/<method>_<speed|memory>.py`` and its evidence protocol
+``experiments/protocols/<method>.py``. The methods: ``sft`` (plain fine-tuning, :mod:`lightning_tokens.sft`),
+``sstoken`` (token selection), ``caft`` (multi-token heads), ``quiet_star`` (thought tokens) and ``budget`` (budget
+guidance). The 0.1 names ``selection``, ``heads``, ``thoughts`` and ``module`` still
 import, as aliases of the same modules (:mod:`lightning_tokens._renamed`).
 """
+
+from importlib.metadata import PackageNotFoundError, version
 
 from lightning_tokens.budget import (
     BudgetForcing,
@@ -48,7 +51,10 @@ from lightning_tokens.token_loss import (
     UnsupportedLoss,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("lightning-tokens")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BudgetForcing",

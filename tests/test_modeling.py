@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import tiny_config
 from lightning_tokens import CausalLMModule, ModelSpec, OptimizerConfig, load_causal_lm
 from lightning_tokens.data.encode import SFTCollator, encode_record
 from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.data.records import from_dicts
 from lightning_tokens.modeling import causal_lm_of, decoder_layers, is_quantized
+from tests.tiny import tiny_config
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gpt2"])

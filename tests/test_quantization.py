@@ -16,7 +16,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config
 from lightning_tokens import (
     BudgetPredictorModule,
     CausalLMModule,
@@ -32,6 +31,7 @@ from lightning_tokens.cli import build_cli
 from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.modeling import causal_lm_of, load_frozen_causal_lm
 from lightning_tokens.quantization import bnb_config, restore_4bit_quant_states
+from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_TASK = dict(num_train=16, num_val=4)
@@ -204,7 +204,7 @@ def test_restoring_quant_states_rebuilds_another_bases_weights_bit_for_bit():
 
 def test_fit_of_the_qlora_yaml_with_validation_inside(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = build_cli(["fit", "--config", str(ROOT / "configs/sft/qlora-tiny.yaml"),
+    cli = build_cli(["fit", "--config", str(ROOT / "lightning_tokens/configs/sft/qlora-tiny.yaml"),
                      "--data.init_args.task.num_train", "64", "--data.init_args.task.num_val", "8",
                      "--data.init_args.batch_size", "16", "--model.init_args.max_new_tokens", "4",
                      "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"])

@@ -78,7 +78,7 @@ SCRIPT = textwrap.dedent('''
         if options.get("module") == "quiet-star":
             from lightning_tokens import PlainTextDataModule, QuietSTaRModule
 
-            from test_sharding import QUIET_STAR
+            from tests.test_sharding import QUIET_STAR
 
             module = QuietSTaRModule(spec, optimizer=optimizer, **QUIET_STAR)
             text = PlainTextDataModule(task=ReasoningTask(num_train=32, num_val=8), max_length=48, batch_size=2,
@@ -102,7 +102,7 @@ SCRIPT = textwrap.dedent('''
         callbacks = [record]
         if options.get("callback") == "selection":
             from lightning_tokens import TokenSelection
-            from test_sharding import selection_options
+            from tests.test_sharding import selection_options
 
             callbacks.append(TokenSelection(warmup=0, ratio=0.5, **selection_options(options)))
         elif options.get("callback") == "caft":
@@ -129,7 +129,7 @@ SCRIPT = textwrap.dedent('''
         history = callbacks[1].source.state_dict() if options.get("callback") == "selection" else None
         generated = None
         if options.get("module") == "quiet-star":  # every rank thinks its way through the same prompts
-            from test_sharding import prompts
+            from tests.test_sharding import prompts
 
             generated = module.generate(*prompts(module.tokenizer.pad_token_id), max_new_tokens=3).sequences
         if options.get("export") is not None:
@@ -152,7 +152,7 @@ def sharded_runs(tmp_path: Path, runs: dict[str, tuple[int, dict]]) -> dict[str,
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "sharded.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "TOKENIZERS_PARALLELISM": "false", "PL_DISABLE_FORK": "1"}
     plan = [(str(tmp_path / name), steps, options) for name, (steps, options) in runs.items()]
     result = subprocess.run([sys.executable, str(script), json.dumps(plan)], cwd=tmp_path, env=env,
@@ -409,7 +409,7 @@ def test_the_fsdp_config_shards_with_model_parallel_strategy(offline_hub):
     from lightning_tokens import CausalLMModule
     from lightning_tokens.cli import build_cli
 
-    cli = build_cli(["--config", str(ROOT / "configs/sft/qwen2.5-7b-fsdp.yaml"), "--trainer.accelerator", "cpu",
+    cli = build_cli(["--config", "sft/qwen2.5-7b-fsdp", "--trainer.accelerator", "cpu",
                      "--trainer.precision", "32-true"], run=False)
     assert isinstance(cli.trainer.strategy, ModelParallelStrategy) and isinstance(cli.model, CausalLMModule)
     assert cli.datamodule.packing and not cli.model.spec.quantization

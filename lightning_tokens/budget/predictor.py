@@ -173,7 +173,7 @@ class BudgetPredictor(nn.Module):
         nn.init.normal_(self.rate_head.weight, std=0.02)
 
     @classmethod
-    def for_model(cls, model: nn.Module, **overrides) -> "BudgetPredictor":
+    def for_model(cls, model: nn.Module, **overrides: object) -> "BudgetPredictor":
         """A predictor sized for ``model`` (any transformers causal LM, PEFT-wrapped or quantized).
 
         Args:

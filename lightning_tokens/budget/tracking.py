@@ -82,13 +82,13 @@ class ThinkingTracker:
             self._scan(input_ids.tolist())
         else:
             for row, (_, token) in enumerate(tail):
-                if self.started[row] and not self.ended[row]:
+                if token == self.start_id:  # the row's last <think> from now on, as a new scan would find it
+                    self.started[row], self.ended[row], self.t[row] = True, False, 0
+                elif self.started[row] and not self.ended[row]:
                     if token == self.end_id:
                         self.ended[row] = True
                     else:
                         self.t[row] += 1
-                elif not self.started[row] and token == self.start_id:
-                    self.started[row], self.t[row] = True, 0
             self.steps += 1
         self.length, self.last = length, [row[-1] for row in tail]
 

@@ -270,7 +270,7 @@ def training_states(heads: MultiTokenHeads, model: nn.Module, trunk: Trunk,
 
 
 def export_mtp(model: nn.Module, heads: MultiTokenHeads, path: str | os.PathLike,
-               include_shared: bool = True, tokenizer=None, max_shard_size: Optional[str] = None) -> Path:
+               include_shared: bool = True, tokenizer: Any = None, max_shard_size: Optional[str] = None) -> Path:
     """Write ``model`` with ``heads`` as its MTP layers, in the layout of its own checkpoints.
 
     The model is written by ``save_pretrained`` (LoRA adapters merged into a copy first); depth ``k`` is added

@@ -1,6 +1,6 @@
 """The ``lightning-tokens`` command: a LightningCLI over the project's modules and data modules.
 
-``lightning-tokens fit --config configs/sft/tiny.yaml`` trains; ``validate`` and ``test`` evaluate
+``lightning-tokens fit --config sft/tiny`` trains; ``validate`` and ``test`` evaluate
 (``test`` logs under ``test/``); ``predict`` writes greedy completions of held-out prompts (or of
 ``--data.init_args.predict_file``) to ``<default_root_dir>/predictions.jsonl``. ``lightning-tokens score``
 writes per-token history losses for token selection and ``lightning-tokens collect-traces`` collects a
@@ -12,15 +12,10 @@ the ``last`` checkpoint, overwritten by each run into the same folder (settable 
 A bad value (a YAML field, a command-line option, a checkpoint or data file) ends the command with one
 line naming it and exit status 2, not a traceback.
 
-The package runs one way: :mod:`~lightning_tokens.cli.lightning_cli` (the LightningCLI and :func:`build_cli`) and
+The package runs one way: :mod:`~lightning_tokens.cli.main` (the console script),
+:mod:`~lightning_tokens.cli.lightning_cli` (the LightningCLI and :func:`build_cli`) and
 :mod:`~lightning_tokens.cli.commands` (the other commands) import the library; no library module imports them.
 """
-
-from __future__ import annotations
-
-import sys
-import warnings
-from typing import Optional
 
 from lightning_tokens.cli.commands import EXTRA_COMMANDS, collect_main, score_main
 from lightning_tokens.cli.lightning_cli import (
@@ -31,28 +26,7 @@ from lightning_tokens.cli.lightning_cli import (
     TokensCLI,
     build_cli,
 )
-from lightning_tokens.data.records import DataError
+from lightning_tokens.cli.main import main
 
 __all__ = ["CKPT_KEYWORDS", "EXTRA_COMMANDS", "EXTRA_HELP", "TRAINER_DEFAULTS", "ConfigError", "TokensCLI",
            "build_cli", "collect_main", "main", "score_main"]
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point of the ``lightning-tokens`` console script (``argv`` default: the command line)."""
-    # Lightning 2.6 builds torch's deprecated LeafSpec in every fit and predict (torch 2.13 warns each time):
-    # nothing a user can act on.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                            category=FutureWarning)
-    words = sys.argv[1:] if argv is None else argv
-    command = EXTRA_COMMANDS.get(words[0]) if words else None
-    # LightningCLI turns a bad value into a ConfigError (a DataError is a bad file). The other commands check their
-    # options and files before loading a model, and any ValueError they raise is a value the user has to fix.
-    bad_value = ValueError if command is not None else (ConfigError, DataError)
-    try:
-        if command is not None:
-            command(words[1:])
-        else:
-            build_cli(argv)  # None: LightningCLI reads the command line itself (given as a list, it warns)
-    except bad_value as error:
-        print(f"lightning-tokens: error: {error}", file=sys.stderr)
-        sys.exit(2)

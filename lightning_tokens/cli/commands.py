@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lightning_tokens.budget.traces import collect_traces
 from lightning_tokens.checkpoints import check_writable_dir
 from lightning_tokens.checks import check_numbers
-from lightning_tokens.cli.lightning_cli import ConfigError, build_cli
+from lightning_tokens.cli.configs import ConfigError, configs_main
+from lightning_tokens.cli.lightning_cli import build_cli
 from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.data.records import check_prompt_record, read_file
 from lightning_tokens.data.tokenizer import load_task_tokenizer
@@ -29,7 +30,7 @@ def score_main(argv: list[str]) -> None:
     Writes a :class:`~lightning_tokens.sstoken.loss_table.LossTable` for ``TokenSelection(history="precomputed")``;
     LoRA adapters are disabled while scoring::
 
-        lightning-tokens score --config configs/sstoken/tiny.yaml --output runs/sstoken-tiny/history.pt
+        lightning-tokens score --config sstoken/tiny --output runs/sstoken-tiny/history.pt
 
     Args:
         argv: ``--config FILE`` (repeatable, as for ``fit``), ``--output FILE``, optional ``--device``
@@ -123,4 +124,5 @@ def collect_main(argv: Optional[Sequence[str]] = None) -> None:
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "score": score_main,  # per-token history losses for TokenSelection(history="precomputed")
     "collect-traces": collect_main,  # a frozen model's own reasoning traces, for budget guidance
+    "configs": configs_main,  # list the packaged configs, or copy one out to edit
 }

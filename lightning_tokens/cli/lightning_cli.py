@@ -3,15 +3,18 @@ modules and data modules, with the checks and defaults described in :mod:`lightn
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lightning_tokens.checkpoints import check_checkpoint_file, check_writable_dir
+from lightning_tokens.cli.configs import ConfigError, resolve_config_args
 from lightning_tokens.predict import PredictionWriter
 
 TRAINER_DEFAULTS = {
@@ -19,13 +22,11 @@ TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
 }
 
-EXTRA_HELP = ("More commands: 'lightning-tokens score' writes per-token history losses for "
+EXTRA_HELP = ("--config takes a file or the name of a packaged config (sft/tiny). More commands: "
+              "'lightning-tokens configs' lists the packaged configs and copies one out to edit; "
+              "'lightning-tokens score' writes per-token history losses for "
               "TokenSelection(history=\"precomputed\"); 'lightning-tokens collect-traces' collects a frozen "
               "model's own reasoning traces for budget guidance. Each takes --help.")
-
-
-class ConfigError(ValueError):
-    """A value the command cannot run with; the console script prints the message alone and exits with 2."""
 
 
 def _innermost(error: BaseException) -> BaseException:
@@ -45,6 +46,14 @@ class TokensCLI(LightningCLI):
         # last-v1.ckpt beside the old run's, so the path in every README and config means the newest run.
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                              "checkpoint.enable_version_counter": False})
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Union[list[str], dict, Namespace, None]) -> None:
+        # Every --config value may name a packaged config (sft/tiny) instead of a file.
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(resolve_config_args(sys.argv[1:] if args is None else args))
 
     @override
     def instantiate_classes(self) -> None:

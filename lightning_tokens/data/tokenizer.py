@@ -109,9 +109,9 @@ def load_task_tokenizer():
     """Load the bundled tokenizer as a Hugging Face fast tokenizer.
 
     Returns:
-        A ``transformers.PreTrainedTokenizerFast`` with ``bos_token="<s>"``,
-        ``eos_token="</s>"``, ``pad_token="<pad>"`` (id 0), right padding,
-        ``model_max_length=2048`` and no chat template.
+        transformers.PreTrainedTokenizerFast: The tokenizer, with ``bos_token="<s>"``,
+            ``eos_token="</s>"``, ``pad_token="<pad>"`` (id 0), right padding,
+            ``model_max_length=2048`` and no chat template.
     """
     from transformers import PreTrainedTokenizerFast
 

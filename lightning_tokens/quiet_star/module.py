@@ -59,14 +59,14 @@ class QuietSTaRModule(ResumesExactly, ClipsMixedGradients, LightningModule):
     checkpoints), so a resumed run, mid-epoch too, thinks and trains as the uninterrupted run
     (:class:`~lightning_tokens.optim.ResumesExactly`).
 
-    Logged per training step: ``train/loss``, ``train/base_nll``, ``train/mixed_nll``, ``train/policy_loss``,
-    ``train/mixing_weight``, ``train/reward``, ``train/difficult_base_nll`` and ``train/difficult_mixed_nll``
-    (NLL on the top decile of base loss). A mixture-of-experts model run with ``output_router_logits`` adds its
-    router load-balancing term of the text pass (the model's forward on the batch, ``router_aux_loss_coef *
-    aux_loss`` as transformers adds it; the thought passes' routing is not balanced) to the loss, logged as
-    ``train/router_loss``. Validation logs the plain ``val/loss`` (no thoughts, comparable with
+    Logged per training step: ``train/loss``, ``train/nll``, ``train/base_nll``, ``train/mixed_nll``,
+    ``train/policy_loss``, ``train/mixing_weight``, ``train/reward``, ``train/difficult_base_nll`` and
+    ``train/difficult_mixed_nll`` (NLL on the top decile of base loss). A mixture-of-experts model run with
+    ``output_router_logits`` adds its router load-balancing term of the text pass (the model's forward on the batch,
+    ``router_aux_loss_coef * aux_loss`` as transformers adds it; the thought passes' routing is not balanced) to
+    the loss, logged as ``train/router_loss``. Validation logs the plain ``val/loss`` (no thoughts, comparable with
     :class:`CausalLMModule`), the same parts with greedy thoughts under ``val/``, and ``val/exact_match`` of
-    thoughtful generation when the batches carry answers.
+    thoughtful generation when the batches carry answers; ``test`` logs the same under ``test/``.
 
     Args:
         model: What model to load. Default ``ModelSpec()`` (a tiny Llama). Attention must be ``"sdpa"`` or
@@ -250,14 +250,23 @@ class QuietSTaRModule(ResumesExactly, ClipsMixedGradients, LightningModule):
     # -- validation ------------------------------------------------------------------------------------
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    @override
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
+        """Plain next-token loss, the Quiet-STaR parts and exact match, logged as ``<stage>/...``; validation and
+        test never run at once, so they share the metric objects."""
         plain = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         nll = plain.loss - sum(model_loss_terms(self.model, plain).values())  # without a router term, as CausalLMModule
         self.val_loss.update(nll, weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log(f"{stage}/loss", self.val_loss, prog_bar=True)
         out = self.quiet_star(batch["input_ids"], batch["attention_mask"], batch.get("labels"), temperature=0.0)
         for name in _PARTS:
             self.val_parts[name].update(getattr(out, name))
-            self.log(f"val/{name}", self.val_parts[name])
+            self.log(f"{stage}/{name}", self.val_parts[name])
         wanted = self.generation_batches is None or batch_idx < self.generation_batches
         if "answers" in batch and wanted and self.max_new_tokens > 0:
             output = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
@@ -266,11 +275,7 @@ class QuietSTaRModule(ResumesExactly, ClipsMixedGradients, LightningModule):
                 if answer is not None:
                     text = self.tokenizer.decode(row, skip_special_tokens=True)
                     self.val_exact_match.update(float(check_answer(text, answer)))
-            self.log("val/exact_match", self.val_exact_match, prog_bar=True)
-
-    @override
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+            self.log(f"{stage}/exact_match", self.val_exact_match, prog_bar=True)
 
     # -- generation ------------------------------------------------------------------------------------
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> ThoughtfulOutput:

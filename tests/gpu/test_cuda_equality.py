@@ -26,16 +26,16 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import padded_rows, tiny_config
 from lightning_tokens import CausalLMModule, ModelSpec, OptimizerConfig
 from lightning_tokens.caft import generate_with_heads
 from lightning_tokens.data.packing import PackedCollator, model_inputs
 from lightning_tokens.quiet_star.attention import two_part_attention
 from lightning_tokens.token_loss import PlainLoss, TokenLossDispatcher
-from test_caft_speculative_batch import MAX_NEW, PROMPTS, early_eos, greedy, noisy_heads
-from test_packing import sample, tiny_model
-from test_quiet_star import N_THOUGHTS, TALK, THOUGHT_LENGTH, make_module, run_passes
-from test_quiet_star import batch as thought_batch
+from tests.caft.speculative_cases import MAX_NEW, PROMPTS, early_eos, greedy, noisy_heads
+from tests.data.builders import sample, tiny_model
+from tests.quiet_star.naive import N_THOUGHTS, TALK, THOUGHT_LENGTH, make_module, run_passes
+from tests.quiet_star.naive import batch as thought_batch
+from tests.tiny import padded_rows, tiny_config
 
 ON_CPU = os.environ.get("LT_GPU_TESTS_ON_CPU") == "1"
 # Collected everywhere (an import the CPU tests broke shows on every run), run only on CUDA or when asked.
