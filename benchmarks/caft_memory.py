@@ -1,7 +1,7 @@
 """Peak memory and step time of one CAFT training step: plain SFT vs CAFT (chunked) vs a naive stacked CAFT.
 
-    OMP_NUM_THREADS=1 python benchmarks/heads_memory.py --device cuda      # GPU: exact peak allocated memory
-    OMP_NUM_THREADS=1 python benchmarks/heads_memory.py --device cpu --batch 1
+    OMP_NUM_THREADS=1 python -m benchmarks.caft_memory --device cuda      # GPU: exact peak allocated memory
+    OMP_NUM_THREADS=1 python -m benchmarks.caft_memory --device cpu --batch 1
 
 Every variant runs forward + backward of the same Llama (vocab 32k, length 512 by default) in its own
 process. ``naive`` stacks the main head's and every head's full-vocabulary logits into one (K+1, B, T, V)

@@ -4,7 +4,7 @@ The record is cut before tokenization (``data.encode.character_limit``), so its 
 of ``max_length`` tokens. Each run is its own process (peak RSS is per process); the baseline is the same
 file without the long record.
 
-    python benchmarks/long_record.py --megabytes 11 --max-length 1024
+    python -m benchmarks.data_long_record_speed --megabytes 11 --max-length 1024
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Peak memory and step time of one training step: plain transformers against the lean per-token loss.
 
-    OMP_NUM_THREADS=2 python benchmarks/loss_memory.py                      # CPU, both vocabularies
-    python benchmarks/loss_memory.py --device cuda --dtype bfloat16         # GPU
+    OMP_NUM_THREADS=2 python -m benchmarks.lean_loss_memory                      # CPU, both vocabularies
+    python -m benchmarks.lean_loss_memory --device cuda --dtype bfloat16         # GPU
 
 One forward + backward of a 2-layer, hidden-256 Llama (untied embeddings) on a batch of 4 x 1024 tokens
 whose first quarter is prompt, at vocabularies 32,000 and 151,936 (Qwen2.5's). Variants:

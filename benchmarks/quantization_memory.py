@@ -4,7 +4,7 @@ Each precision loads in a fresh process; the script reports transformers' ``get_
 independently, the bytes of every parameter and buffer storage the loaded model holds. Quantized models keep their
 unquantized parts (embeddings, norms, lm_head) in bf16.
 
-    python benchmarks/memory_footprint.py [--hidden 1024 --layers 12]
+    python -m benchmarks.quantization_memory [--hidden 1024 --layers 12]
 """
 
 from __future__ import annotations

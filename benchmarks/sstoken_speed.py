@@ -7,9 +7,9 @@ SFT, a frozen bf16 copy, a frozen int8 copy). With ``--rounds R`` the LoRA varia
 turn and each reports the median over its rounds, so that a slow drift of the machine hits them all alike.
 
     # GPU, a Qwen2.5-1.5B-shaped model built from config (random weights, nothing downloaded)
-    python benchmarks/selection_bench.py --size 1.5b --batch 4 --length 1024
+    python -m benchmarks.sstoken_speed --size 1.5b --batch 4 --length 1024
     # CPU: a small model of the same head layout
-    python benchmarks/selection_bench.py --size small --device cpu --batch 4 --length 512 --steps 2 --rounds 4
+    python -m benchmarks.sstoken_speed --size small --device cpu --batch 4 --length 512 --steps 2 --rounds 4
 """
 
 from __future__ import annotations
@@ -116,16 +116,13 @@ def interleaved(model, data, steps, rounds, variants):
     """
     times = {name: [] for name in variants}
     peaks = {name: 0.0 for name in variants}
-    labels = dict.fromkeys(variants)
     for _ in range(rounds):
         for name, factory in variants.items():
             callback = factory() if factory else None
             step_times, peak = measure(model, data, steps, callback)
             times[name] += step_times
             peaks[name] = peak if math.isnan(peak) else max(peaks[name], peak)  # NaN on the CPU
-            nll = getattr(getattr(callback, "source", None), "nll", None)
-            labels[name] = name + (" [head on targets only]" if nll is not None and nll.chunked else "")
-    return {labels[name]: (statistics.median(times[name]), peaks[name]) for name in variants}
+    return {name: (statistics.median(times[name]), peaks[name]) for name in variants}
 
 
 def main():

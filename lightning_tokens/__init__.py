@@ -41,7 +41,7 @@ from lightning_tokens.quiet_star import QuietSTaRModule, thoughtful_generate
 from lightning_tokens.quiet_star.data import PlainTextDataModule
 from lightning_tokens.reasoning import check_answer, extract_answer
 from lightning_tokens.sft import CausalLMModule
-from lightning_tokens.sstoken import TokenSelection
+from lightning_tokens.sstoken import RunawaySelection, TokenSelection
 from lightning_tokens.token_loss import (
     LogitsNotKept,
     PlainLoss,
@@ -77,6 +77,7 @@ __all__ = [
     "QuietSTaRModule",
     "ReasoningTask",
     "ResumesExactly",
+    "RunawaySelection",
     "SFTDataModule",
     "TokenLossCallback",
     "TokenLossContext",

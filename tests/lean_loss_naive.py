@@ -40,6 +40,20 @@ class Kept:
         self.kept = ctx.weights > 0
 
 
+def selected_step(selection, model, batch):
+    """Forward and backward of ``model`` on ``batch`` through the attached ``selection`` (detached after): the loss
+    and the ``(B, T - 1)`` mask of the targets it kept."""
+    kept = Kept()
+    selection.dispatcher.add(kept)
+    try:
+        loss = model(**batch).loss
+        loss.backward()
+    finally:
+        selection.dispatcher.remove(kept)
+        selection.detach()
+    return loss, kept.kept
+
+
 def naive_caft_loss(model, heads, data, beta, gamma, s):
     """CE_0 + beta s sum_k gamma^k CE_k from full logits of the model and of every head, with autograd."""
     from lightning_tokens.caft import capture_trunk

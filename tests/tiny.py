@@ -1,4 +1,5 @@
-"""Tiny models built from a config (never downloaded) and padded token rows, shared by the tests."""
+"""Tiny models built from a config (never downloaded), padded token rows and a quiet CPU Trainer, shared by the
+tests."""
 
 from __future__ import annotations
 
@@ -35,3 +36,14 @@ def padded_rows(rows: list[list[int]], width: int, side: str) -> tuple[torch.Ten
         place = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
         ids[i, place], mask[i, place] = torch.tensor(row), 1
     return ids, mask
+
+
+def trainer(**kwargs):
+    """A one-device CPU ``Trainer`` without logger, checkpoints, progress bar, summary or validation; ``kwargs``
+    override any of these and add others."""
+    import lightning.pytorch as pl
+
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    options.update(kwargs)
+    return pl.Trainer(**options)

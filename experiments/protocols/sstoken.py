@@ -12,10 +12,20 @@ order) and is scored on the same held-out problems by greedy exact match:
 
 The audit counts, in noisy samples, how many noise tokens and how many clean response tokens each method keeps:
 a method that filters noise keeps noise below its 60% budget and clean tokens above it.
+
+Runaway selection (issue 34: REL-ranked selection keeping what the model learns first and dropping for good what
+it gets worse at) is measured by the rows of :data:`VARIANTS`, on :data:`VARIANT_SEEDS`: the learning rate
+(``sft`` and ``sstoken`` at 1e-4 and 3e-4), an EMA history at decays 0.9, 0.99 and 0.999 (a time constant of
+10, 100 and 1,000 steps: after the 64 steps the last two still hold 53% and 94% of the base), a history
+refreshed every 16 steps, and 30% of the kept budget drawn at random (``sstoken_variants.py``). Every run
+records per optimizer step the mean current loss of the kept and dropped response tokens, the same for noise and
+clean tokens of noisy samples, and the share of negative REL (``trace`` in its JSON; ``sstoken_runaway.py``
+reads them).
 """
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from pathlib import Path
@@ -35,8 +45,23 @@ SETTINGS = dict(preset="medium", style="concise", num_train=1024, num_eval=512, 
 QUICK = dict(num_train=32, num_eval=16, max_new_tokens=96)
 SEEDS = (0, 1, 2, 3, 4)
 METHODS = ("sft", "sstoken", "loss", "attention", "random", "rho1")
+#: Rows measuring runaway selection: what each changes in the protocol (``mode`` is the method it runs).
+VARIANTS = {
+    "sft@lr1e-4": dict(mode="sft", lr=1e-4), "sstoken@lr1e-4": dict(mode="sstoken", lr=1e-4),
+    "sft@lr3e-4": dict(mode="sft", lr=3e-4), "sstoken@lr3e-4": dict(mode="sstoken", lr=3e-4),
+    "sstoken-ema0.9": dict(mode="sstoken", history="ema", ema_decay=0.9),
+    "sstoken-ema0.99": dict(mode="sstoken", history="ema", ema_decay=0.99),
+    "sstoken-ema0.999": dict(mode="sstoken", history="ema", ema_decay=0.999),
+    "sstoken-refresh16": dict(mode="sstoken", refresh=16),
+    "sstoken-random30": dict(mode="sstoken", random_share=0.3),
+}
+#: Seeds of the :data:`VARIANTS` rows (the part's ``--seeds``, when given, apply to them too).
+VARIANT_SEEDS = (0, 1, 2)
 #: The rows of the table: the base itself (no fine-tuning) and clean SFT on the same problems, then every method.
-ROWS = ("base", "clean", "clean_sstoken", *METHODS)
+ROWS = ("base", "clean", "clean_sstoken", *METHODS, *VARIANTS)
+#: Per-step figures of the audit (``trace`` of a run's JSON): mean current loss of the kept and dropped response
+#: tokens, of the noise and clean tokens of noisy samples kept and dropped, and the share of negative REL.
+TRACE = ("loss_kept", "loss_dropped", "noise_kept", "noise_dropped", "clean_kept", "clean_dropped", "negative_rel")
 
 #: LoRA of the paper (r 64, alpha 16, dropout 0.1, every linear projection).
 LORA = {"r": 64, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": "all-linear"}
@@ -50,10 +75,11 @@ def task(settings: dict[str, Any], clean: bool = False):
                                 num_val=settings["num_eval"], seed=settings["task_seed"] + (1 if clean else 0))
 
 
-def module(base: str, settings: dict[str, Any], seed: int):
+def module(base: str, settings: dict[str, Any], seed: int, lr: Optional[float] = None):
     from lightning_tokens import CausalLMModule, ModelSpec, OptimizerConfig
 
-    optimizer = OptimizerConfig(name="adamw", lr=settings["lr"], warmup=0.03, schedule="linear", weight_decay=0.0)
+    optimizer = OptimizerConfig(name="adamw", lr=lr or settings["lr"], warmup=0.03, schedule="linear",
+                                weight_decay=0.0)
     return CausalLMModule(model=ModelSpec(name_or_path=base, lora=dict(LORA), seed=seed), optimizer=optimizer,
                           max_new_tokens=settings["max_new_tokens"])
 
@@ -76,8 +102,17 @@ def build_reference(base: str, settings: dict[str, Any], out: Path) -> Path:
     return target
 
 
-def audit_callback(masks: dict[str, list[bool]]):
-    """A callback counting, over noisy samples, the noise and clean target tokens that keep a weight."""
+def audit_callback(masks: dict[str, list[bool]], selection=None):
+    """A callback counting, over noisy samples, the noise and clean target tokens that keep a weight, and recording
+    per optimizer step the mean current loss of kept and dropped tokens (:data:`TRACE`, in ``trace``).
+
+    Args:
+        masks: Noise flags of each noisy sample's target tokens, by sample key.
+        selection: The :class:`TokenSelection` running before it, whose ``negative_rel`` metric it reads. Default
+            ``None``: no negative REL share.
+    """
+    import math
+
     import torch
 
     from lightning_tokens.sstoken.loss_table import row_keys
@@ -87,22 +122,75 @@ def audit_callback(masks: dict[str, list[bool]]):
         def __init__(self):
             super().__init__()
             self.counts = dict(noise=0, noise_kept=0, clean=0, clean_kept=0)
+            self.trace = {"step": [], **{name: [] for name in TRACE}}
+            self.sums = {name: [0.0, 0] for name in TRACE}  # this optimizer step's sum and count of each figure
+
+        def add(self, name, values):
+            self.sums[name][0] += float(values.sum())
+            self.sums[name][1] += values.numel()
 
         def reshape_token_loss(self, ctx):
             kept = (ctx.weights > 0).cpu()
             targets = ctx.target_mask.cpu()
+            loss = getattr(ctx, "token_loss", None)  # absent from the audit test's stand-in contexts
+            loss = None if loss is None else loss.detach().float().cpu()
+            if loss is not None:
+                self.add("loss_kept", loss[targets & kept])
+                self.add("loss_dropped", loss[targets & ~kept])
+                negative = getattr(selection, "metrics", {}).get("negative_rel")
+                if negative is not None:  # the share over this forward's response tokens
+                    n = int(targets.sum())
+                    self.sums["negative_rel"][0] += float(negative) * n
+                    self.sums["negative_rel"][1] += n
             for row, key, positions in row_keys(ctx.input_ids, ctx.attention_mask, ctx.labels, ctx.segments):
                 mask = masks.get(key)
                 if mask is None:
                     continue
-                sample = torch.as_tensor(positions[1:])  # prediction t targets token t + 1
-                for is_noise, keep in zip(mask, kept[row][targets[row] & sample].tolist()):
+                sample = targets[row] & torch.as_tensor(positions[1:])  # prediction t targets token t + 1
+                for is_noise, keep in zip(mask, kept[row][sample].tolist()):
                     name = "noise" if is_noise else "clean"
                     self.counts[name] += 1
                     self.counts[name + "_kept"] += int(keep)
+                if loss is not None:
+                    noise, keep = torch.tensor(mask), kept[row][sample]
+                    for name, where in (("noise", noise), ("clean", ~noise)):
+                        self.add(name + "_kept", loss[row][sample][where & keep])
+                        self.add(name + "_dropped", loss[row][sample][where & ~keep])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            if trainer.global_step == (self.trace["step"] or [0])[-1]:
+                return  # gradients still accumulating: the step goes on
+            self.trace["step"].append(trainer.global_step)
+            for name, (total, n) in self.sums.items():
+                mean = total / n if n else math.nan
+                self.trace[name].append(None if math.isnan(mean) else mean)  # JSON has no NaN
+            self.sums = {name: [0.0, 0] for name in TRACE}
 
     torch.set_float32_matmul_precision("high")
     return NoiseAudit()
+
+
+def selection_for(method: str, seed: int, reference: Optional[str]):
+    """The :class:`TokenSelection` of ``method`` (a method, ``clean_sstoken`` or a :data:`VARIANTS` row), or
+    ``None`` for the rows that train on every token."""
+    from experiments.protocols.sstoken_variants import RandomShareSelection, RefreshSelection
+    from lightning_tokens import ModelSpec
+    from lightning_tokens.sstoken import TokenSelection
+
+    change = dict(VARIANTS.get(method, {"mode": "sstoken" if method == "clean_sstoken" else method}))
+    change.pop("lr", None)
+    mode = change.pop("mode")
+    if mode in ("sft", "base", "clean"):
+        return None
+    kwargs = dict(mode=mode, seed=seed, reference=ModelSpec(name_or_path=reference) if mode == "rho1" else None)
+    if "on_runaway" in inspect.signature(TokenSelection).parameters:
+        kwargs["on_runaway"] = "warn"  # the rows measure the selection itself, whatever the default's fallback
+    if "refresh" in change:
+        return RefreshSelection(change.pop("refresh"), **kwargs, **change)
+    if "random_share" in change:
+        return RandomShareSelection(change.pop("random_share"), **kwargs, **change)
+    return TokenSelection(**kwargs, **change)
 
 
 def run_one(method: str, seed: int, base: str, settings: dict[str, Any], reference: Optional[str] = None) -> dict:
@@ -110,11 +198,9 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], referen
     import lightning.pytorch as pl
 
     from experiments.protocols.noise import NoiseSettings, NoisySFTDataModule
-    from lightning_tokens import ModelSpec
-    from lightning_tokens.sstoken import TokenSelection
 
     pl.seed_everything(seed, verbose=False)
-    model = module(base, settings, seed)
+    model = module(base, settings, seed, lr=VARIANTS.get(method, {}).get("lr"))
     clean = method in ("clean", "clean_sstoken")
     noise = NoiseSettings(**{**settings["noise"], **({"noisy_fraction": 0.0} if clean else {})})
     data = NoisySFTDataModule(noise=noise, noise_seed=seed,
@@ -124,10 +210,9 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], referen
                               seed=seed)
     data.tokenizer = model.tokenizer
     data.setup("fit")
-    audit = audit_callback(data.noise_masks)
-    mode = "sstoken" if method == "clean_sstoken" else method
-    callbacks = [] if method in ("sft", "base", "clean") else [TokenSelection(
-        mode=mode, seed=seed, reference=ModelSpec(name_or_path=reference) if method == "rho1" else None)]
+    selection = selection_for(method, seed, reference)
+    audit = audit_callback(data.noise_masks, selection)
+    callbacks = [] if selection is None else [selection]
     run = cpu_trainer([*callbacks, audit], validate=True)
     started = time.time()
     if method == "base":
@@ -139,7 +224,8 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], referen
     return dict(method=method, seed=seed, steps=run.global_step, seconds=time.time() - started,
                 exact_match=metrics["val/exact_match"], val_loss=metrics["val/loss"],
                 kept_noise=c["noise_kept"] / max(1, c["noise"]), kept_clean=c["clean_kept"] / max(1, c["clean"]),
-                noise_tokens=c["noise"], clean_tokens=c["clean"])
+                noise_tokens=c["noise"], clean_tokens=c["clean"],
+                warmup_steps=getattr(selection, "warmup_steps", 0), trace=audit.trace)
 
 
 def run_part(base: Path, out: Path, jobs: int, quick: bool, seeds: Optional[list[int]] = None) -> str:
@@ -150,19 +236,24 @@ def run_part(base: Path, out: Path, jobs: int, quick: bool, seeds: Optional[list
         out: Folder of the cached runs, the reference model and ``settings.json``.
         jobs: Runs side by side, one thread each.
         quick: Smoke-run sizes (:data:`QUICK`) and two seeds.
-        seeds: Seeds to run. Default ``None``: :data:`SEEDS` (two of them with ``quick``).
+        seeds: Seeds to run, for every row. Default ``None``: :data:`SEEDS` for the methods and
+            :data:`VARIANT_SEEDS` for the :data:`VARIANTS` rows (two and one of them with ``quick``).
     """
     settings = {**SETTINGS, **(QUICK if quick else {})}
     same_settings(out, {"base": str(base), **settings})
     with in_process_step():
         reference = build_reference(str(base), settings, out)
+    variant_seeds = seeds if seeds is not None else (VARIANT_SEEDS[:1] if quick else VARIANT_SEEDS)
     seeds = seeds if seeds is not None else (SEEDS[:2] if quick else SEEDS)
     runs = [(f"{method}-{seed}", dict(method=method, seed=seed, base=str(base), settings=settings,
                                       reference=str(reference)))
             for seed in seeds for method in METHODS]
+    # The runaway-selection rows, a row's seeds together, in the order of VARIANTS: learning rate, EMA, variants.
+    runs += [(f"{method}-{seed}", dict(method=method, seed=seed, base=str(base), settings=settings, reference=None))
+             for method in VARIANTS for seed in variant_seeds]
     # The base, clean SFT and ssToken on clean data once each, on seed 0's problems: references, not methods. They
-    # go last, the base (no training, the shortest run) at the very end: 33 runs on 2 cores leave one core idle
-    # while the last runs alone.
+    # go last, the base (no training, the shortest run) at the very end: runs on 2 cores leave one core idle while
+    # the last runs alone.
     runs += [(f"{method}-0", dict(method=method, seed=0, base=str(base), settings=settings, reference=None))
              for method in ("clean_sstoken", "clean", "base")]
     return table(run_all("sstoken", runs, out, jobs))

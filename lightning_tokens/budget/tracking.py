@@ -37,8 +37,10 @@ def per_row(budgets: list[float], batch: int, name: str) -> list[float]:
 class ThinkingTracker:
     """Tracks each row's thinking span across the steps of one ``generate()`` call.
 
-    ``t[row]`` counts the tokens after the row's last ``<think>`` (in the prompt or generated), stopping at
-    ``</think>``. With ``start_id=None`` every row thinks from the first generated token. A new
+    ``t[row]`` counts the tokens after the prompt's last ``<think>`` (or, when the prompt has none, the first
+    generated one), stopping at the first ``</think>`` after it. A ``<think>`` generated later neither restarts
+    nor reopens the count, so a row never thinks past its budget twice. With ``start_id=None`` every row thinks
+    from the first generated token. A new
     ``generate()`` call is recognised (the sequence is not the previous one plus a token) and its prompt
     scanned; :meth:`reset` forces that.
 
@@ -82,13 +84,13 @@ class ThinkingTracker:
             self._scan(input_ids.tolist())
         else:
             for row, (_, token) in enumerate(tail):
-                if token == self.start_id:  # the row's last <think> from now on, as a new scan would find it
-                    self.started[row], self.ended[row], self.t[row] = True, False, 0
-                elif self.started[row] and not self.ended[row]:
+                if self.started[row] and not self.ended[row]:
                     if token == self.end_id:
                         self.ended[row] = True
                     else:
                         self.t[row] += 1
+                elif not self.started[row] and token == self.start_id:
+                    self.started[row], self.t[row] = True, 0
             self.steps += 1
         self.length, self.last = length, [row[-1] for row in tail]
 

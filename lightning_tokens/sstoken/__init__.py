@@ -2,8 +2,9 @@
 
 from lightning_tokens.sstoken.callback import TokenSelection
 from lightning_tokens.sstoken.loss_table import LossTable
+from lightning_tokens.sstoken.runaway import RunawaySelection
 
-__all__ = ["LossTable", "TokenSelection", "score_main"]
+__all__ = ["LossTable", "RunawaySelection", "TokenSelection", "score_main"]
 
 
 def __getattr__(name: str):

@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -25,12 +26,21 @@ from lightning_tokens.sstoken.history import (
     ReferenceModel,
 )
 from lightning_tokens.sstoken.precompute import samples_of
+from lightning_tokens.sstoken.runaway import (
+    RUNAWAY_RISE,
+    RUNAWAY_WINDOW,
+    RunawayDetector,
+    RunawaySelection,
+    runaway_message,
+)
 from lightning_tokens.token_loss import TokenLossCallback, TokenLossContext, TokenLossDispatcher, find_causal_lm
 
 Mode = Literal["sstoken", "rho1", "loss", "attention", "random"]
 History = Literal["base", "ema", "precomputed"]
 MODES = ("sstoken", "rho1", "loss", "attention", "random")
 HISTORIES = ("base", "ema", "precomputed")
+OnRunaway = Literal["warn", "raise", "attention"]
+ON_RUNAWAY = ("warn", "raise", "attention")
 
 
 class TokenSelection(TokenLossCallback):
@@ -54,7 +64,16 @@ class TokenSelection(TokenLossCallback):
 
     Logged every step under ``selection/``: ``kept_fraction``, ``gamma``, ``rel`` (mean REL),
     ``attention`` (mean AttnScore), ``rank_corr`` (Spearman correlation of REL and AttnScore, mean over
-    samples), ``loss_history`` and ``loss_current`` (mean L_his and L_cur over response tokens).
+    samples), ``loss_history`` and ``loss_current`` (mean L_his and L_cur over response tokens), ``loss_kept`` and
+    ``loss_dropped`` (mean L_cur of the kept and of the dropped response tokens; left out when the set is empty),
+    ``negative_rel`` (share of response tokens with REL < 0, when REL was computed) and, in modes ``"sstoken"``
+    (after the warm-up) and ``"loss"``, ``runaway`` (1 once runaway selection was detected, else 0).
+
+    Runaway selection: outside the paper's regime (its lr 1e-4 over 50k samples; measured here at lr 3e-4 and 1e-3
+    on 1,024) ranking by REL keeps what the model learns fastest, the tokens it gets worse at get negative REL and
+    are dropped for good, and training collapses (see :mod:`lightning_tokens.sstoken.runaway`). A
+    :class:`~lightning_tokens.sstoken.runaway.RunawayDetector` watches ``loss_kept`` and ``loss_dropped`` per
+    optimizer step while REL is in use and acts once, as ``on_runaway`` says.
 
     Args:
         ratio: Fraction of each sample's response tokens kept (the paper's rho), in (0, 1]. Default ``0.6``.
@@ -89,6 +108,14 @@ class TokenSelection(TokenLossCallback):
         keep_logits: Build the full ``(B, T, V)`` logits in training forwards again, for a ``training_step``
             that reads ``outputs.logits``. Default ``False``: the loss is computed from the final hidden state in
             chunks of target positions (see :mod:`lightning_tokens.lean_loss`), and reading them raises.
+        on_runaway: What to do when runaway selection is detected (modes ``"sstoken"`` and ``"loss"``): ``"warn"``
+            once with the step, the figures and what to do; ``"raise"`` :class:`RunawaySelection` with that
+            message; ``"attention"`` warn, then select by attention alone (gamma 0) for the rest of the run.
+            Default ``"warn"``.
+        runaway_window: Optimizer steps in the detector's baseline (the first steps after the warm-up) and in
+            the recent window compared with it. Default ``8``.
+        runaway_rise: The detector fires when the dropped tokens' mean loss over the window is at least
+            ``1 + runaway_rise`` times its baseline while the kept tokens' is at most its baseline. Default ``0.5``.
     """
 
     def __init__(
@@ -107,13 +134,19 @@ class TokenSelection(TokenLossCallback):
         seed: int = 0,
         model_attribute: Optional[str] = None,
         keep_logits: bool = False,
+        on_runaway: OnRunaway = "warn",
+        runaway_window: int = RUNAWAY_WINDOW,
+        runaway_rise: float = RUNAWAY_RISE,
     ) -> None:
         super().__init__(model_attribute, keep_logits)
         check_numbers("TokenSelection", ratio=(ratio, "in (0, 1]"), gamma=(gamma, "in [0, 1]"), warmup=(warmup, ">= 0"),
                       attention_layer=(attention_layer, "an integer"), ema_decay=(ema_decay, "in [0, 1)"),
-                      seed=(seed, "an integer"))
+                      seed=(seed, "an integer"), runaway_window=(runaway_window, "an integer >= 1"),
+                      runaway_rise=(runaway_rise, "> 0"))
         if mode not in MODES:
             raise ValueError(f"TokenSelection.mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if on_runaway not in ON_RUNAWAY:
+            raise ValueError(f"TokenSelection.on_runaway must be one of {', '.join(ON_RUNAWAY)}, got {on_runaway!r}")
         if history not in HISTORIES:
             raise ValueError(f"TokenSelection.history must be one of {', '.join(HISTORIES)}, got {history!r}")
         if history_quantization not in (None, "int8", "nf4", "fp4"):
@@ -128,6 +161,9 @@ class TokenSelection(TokenLossCallback):
         self.attention_layer, self.mode, self.history = attention_layer, mode, history
         self.ema_decay, self.history_quantization = ema_decay, history_quantization
         self.history_file, self.reference, self.seed = history_file, reference, seed
+        self.on_runaway = on_runaway
+        self.detector = RunawayDetector(runaway_window, runaway_rise)
+        self._step_sums: Optional[torch.Tensor] = None  # this optimizer step's loss sums and counts, while REL is used
         self.probe: Optional[AttentionProbe] = None
         self.source: Optional[HistorySource] = None
         self.warmup_steps = int(warmup) if warmup >= 1 else 0
@@ -148,10 +184,18 @@ class TokenSelection(TokenLossCallback):
 
     @property
     def needs_attention(self) -> bool:
-        return self.mode in ("sstoken", "attention")
+        return self.mode in ("sstoken", "attention") or (self.mode == "loss" and self.on_runaway == "attention")
+
+    @property
+    def watches_runaway(self) -> bool:
+        """Whether this batch selects by REL, so that runaway selection can happen (``"sstoken"`` after warm-up)."""
+        return self.mode == "loss" or (self.mode == "sstoken" and self.gamma > 0 and not self.in_warmup)
 
     def current_gamma(self) -> float:
-        """The gamma in force now: 1 for ``"loss"``, 0 for ``"attention"`` and during the warm-up."""
+        """The gamma in force now: 1 for ``"loss"``, 0 for ``"attention"``, during the warm-up and once
+        ``on_runaway="attention"`` has acted."""
+        if self.on_runaway == "attention" and self.detector.fired:
+            return 0.0
         if self.mode == "loss":
             return 1.0
         if self.mode == "attention" or self.in_warmup:
@@ -261,14 +305,34 @@ class TokenSelection(TokenLossCallback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if trainer.global_step != self.global_step and self.source is not None:
+        stepped = trainer.global_step != self.global_step
+        if stepped and self.source is not None:
             self.source.after_optimizer_step(pl_module)
+        if stepped and self._step_sums is not None:
+            self._check_runaway(trainer, trainer.global_step)
         self.global_step = trainer.global_step
+        if "runaway" in self.metrics:
+            self.metrics["runaway"] = torch.tensor(float(self.detector.fired))
         if self.metrics:
             values = torch.stack([v.float().to(pl_module.device) for v in self.metrics.values()]).tolist()
             logged = {f"selection/{k}": v for k, v in zip(self.metrics, values) if math.isfinite(v)}
             pl_module.log_dict(logged, on_step=True, on_epoch=False)
             self.metrics = {}
+
+    def _check_runaway(self, trainer: Trainer, step: int) -> None:
+        # token-weighted means over the step's micro-batches and every rank, so that all ranks decide the same
+        sums = trainer.strategy.reduce(self._step_sums, reduce_op="sum").tolist()
+        self._step_sums = None
+        kept_sum, kept_n, dropped_sum, dropped_n, negative_n, response_n = sums
+        if kept_n == 0 or dropped_n == 0:
+            return
+        if self.detector.update(step, kept_sum / kept_n, dropped_sum / dropped_n):
+            message = runaway_message(self.detector, negative_n / response_n)
+            if self.on_runaway == "raise":
+                raise RunawaySelection(message)
+            if self.on_runaway == "attention":
+                message += " Selecting by attention alone (gamma 0) from now on (on_runaway='attention')."
+            rank_zero_warn(message)
 
     # -- the selection -----------------------------------------------------------------------------------
     @override
@@ -294,7 +358,9 @@ class TokenSelection(TokenLossCallback):
                 history = self.source.token_loss(ctx)
                 rel = history - current
                 rel_norm = samples.collapse(minmax_per_sample(samples.expand(rel), samples.response))
-                stats.update(loss_history=(history * response).sum() / n, rel=(rel * response).sum() / n)
+                negative = ((rel < 0) & response).sum()
+                stats.update(loss_history=(history * response).sum() / n, rel=(rel * response).sum() / n,
+                             negative_rel=negative / n)
             if gamma < 1:
                 attention = self.probe.scores(ctx.captured, ctx.attention_mask, ctx.context_mask, ctx.segments)[:, 1:]
                 stats["attention"] = (attention * response).sum() / n
@@ -304,7 +370,15 @@ class TokenSelection(TokenLossCallback):
             stats["gamma"] = torch.tensor(gamma)
         keep = samples.collapse(select_top(samples.expand(score), samples.response, self.ratio))
         ctx.weights = ctx.weights * keep
-        stats["kept_fraction"] = keep.sum() / n
+        dropped = response & ~keep
+        kept_n, dropped_n = keep.sum(), dropped.sum()
+        kept_sum, dropped_sum = (current * keep).sum(), (current * dropped).sum()
+        stats.update(kept_fraction=kept_n / n, loss_kept=kept_sum / kept_n, loss_dropped=dropped_sum / dropped_n)
+        if "negative_rel" in stats:  # REL ranks this batch: the detector counts it
+            step = torch.stack([kept_sum, kept_n, dropped_sum, dropped_n, negative, response.sum()]).float()
+            self._step_sums = step if self._step_sums is None else self._step_sums + step
+        if self.watches_runaway:
+            stats["runaway"] = torch.tensor(float(self.detector.fired))  # updated once the step is done
         self.forwards += 1
         self.metrics = {k: v.detach() for k, v in stats.items()}  # read (one sync) when logged
 
@@ -316,7 +390,8 @@ class TokenSelection(TokenLossCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = {"global_step": self.global_step, "forwards": self.forwards, "warmup_steps": self.warmup_steps}
+        state = {"global_step": self.global_step, "forwards": self.forwards, "warmup_steps": self.warmup_steps,
+                 "runaway": self.detector.state_dict()}
         if self.source is not None:
             state["history"] = self.source.state_dict()
         return state
@@ -331,5 +406,7 @@ class TokenSelection(TokenLossCallback):
         self.forwards = state_dict["forwards"]
         self.warmup_steps = state_dict["warmup_steps"]
         self._restored = True
+        if "runaway" in state_dict:  # checkpoints written before the detector existed have none
+            self.detector.load_state_dict(state_dict["runaway"])
         if self.source is not None and "history" in state_dict:
             self.source.load_state_dict(state_dict["history"])

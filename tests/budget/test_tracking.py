@@ -14,15 +14,17 @@ START, END = 1, 2
 
 
 def naive_state(row, prompt_length, start_id):
-    """(thinking, tokens thought): counted after the row's last ``<think>`` (or, with no start token, after the
-    prompt), stopping at ``</think>``."""
+    """(thinking, tokens thought): counted after the prompt's last ``<think>`` (else the first generated one; with
+    no start token, after the prompt), stopping at the first ``</think>``; later ``<think>`` tokens count as
+    thinking tokens and reopen nothing."""
     if start_id is None:
         start = prompt_length - 1
     else:
-        starts = [i for i, token in enumerate(row) if token == start_id]
-        if not starts:
+        in_prompt = [i for i in range(prompt_length) if row[i] == start_id]
+        generated = [i for i in range(prompt_length, len(row)) if row[i] == start_id]
+        if not in_prompt and not generated:
             return False, 0
-        start = starts[-1]
+        start = in_prompt[-1] if in_prompt else generated[0]
     after = row[start + 1:]
     if END in after:
         return False, after.index(END)
@@ -31,8 +33,8 @@ def naive_state(row, prompt_length, start_id):
 
 def sequences(seed, rows=8, prompt_length=5, steps=9):
     """Prompts with and without ``<think>`` (some closed), then generated tokens: a row whose prompt has no
-    ``<think>`` opens one; ``</think>`` comes at random; a closed span opens again, and a ``<think>`` comes while
-    thinking (both count from the row's last ``<think>``)."""
+    ``<think>`` opens one; ``</think>`` comes at random; a ``<think>`` comes after a closed span, and while
+    thinking (neither restarts the count)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 10, (rows, prompt_length + steps), generator=g)
     ids[0, 2] = START  # thinking from the prompt
@@ -43,7 +45,7 @@ def sequences(seed, rows=8, prompt_length=5, steps=9):
     closing = torch.rand(rows, prompt_length + steps, generator=g) < 0.15
     closing[:, :prompt_length] = False
     ids[closing & (ids != START)] = END
-    ids[6, 1], ids[6, prompt_length + 2], ids[6, prompt_length + 4] = START, END, START  # closed, then reopened
+    ids[6, 1], ids[6, prompt_length + 2], ids[6, prompt_length + 4] = START, END, START  # <think> after </think>
     ids[6, prompt_length + 5:] = 5
     ids[7, 0], ids[7, prompt_length + 1], ids[7, prompt_length + 5] = START, START, START  # <think> while thinking
     ids[7, 1:prompt_length] = 5

@@ -1,4 +1,5 @@
-"""Tiny models with CAFT heads, a padded batch and its trunk, and short Trainer runs, shared by the CAFT tests."""
+"""Tiny models with CAFT heads, a padded batch and its trunk, a user's own module and task data, shared by the CAFT
+tests."""
 
 from __future__ import annotations
 
@@ -36,11 +37,33 @@ def trunk_of(model, ids, mask):
     return holder["trunk"], logits
 
 
-def trainer(**kwargs):
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    options.update(kwargs)
-    return pl.Trainer(**options)
+class UserModule(pl.LightningModule):
+    """A user's own LightningModule around the causal LM ``net``: its training loss is ``net(**batch).loss``, kept
+    in ``seen``; SGD at learning rate 0, so the weights stay as they are."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.net(**batch).loss
+        self.seen.append(loss.detach().clone())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def user_batch(vocab):
+    """3 rows of 11 tokens below ``vocab``: row 1 right-padded after 8 tokens, the first 3 tokens of each a prompt."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, vocab, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def task_data(**kwargs):

@@ -20,8 +20,8 @@ from lightning_tokens.caft import ConceptAwareFineTuning, MultiTokenHeads, captu
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig
 from lightning_tokens.sft import CausalLMModule
-from tests.caft.builders import task_data, trainer
-from tests.tiny import tiny_config
+from tests.caft.builders import UserModule, task_data, user_batch
+from tests.tiny import tiny_config, trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,33 +46,10 @@ def perturbed_heads(model, path, scale=0.05, **kwargs):
 
 
 # -- stage 2 on a user's own LightningModule ----------------------------------------------------------------
-class UserModule(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        sizes = tiny_config("llama")
-        sizes.pop("model_type")
-        config = AutoConfig.for_model("llama", vocab_size=VOCAB, **sizes)
-        self.net = AutoModelForCausalLM.from_config(config)
-        self.seen = []
-
-    def training_step(self, batch, batch_idx):
-        loss = self.net(**batch).loss
-        self.seen.append(loss.detach().clone())
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
-def user_batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, VOCAB, (3, 11), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 8:] = 0
-    labels = ids.clone()
-    labels[:, :3] = -100
-    labels[mask == 0] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def user_module():
+    sizes = tiny_config("llama")
+    sizes.pop("model_type")
+    return UserModule(AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=VOCAB, **sizes)))
 
 
 def naive_caft_loss(model, heads, batch, beta, gamma, s):
@@ -91,10 +68,10 @@ def naive_caft_loss(model, heads, batch, beta, gamma, s):
 
 
 def test_stage2_loss_on_a_user_module_equals_independent_computation(tmp_path):
-    module = UserModule()
+    module = user_module()
     heads = perturbed_heads(module.net, tmp_path / "heads").eval()
     reference = copy.deepcopy(module.net).eval()
-    batch = user_batch()
+    batch = user_batch(VOCAB)
     callback = ConceptAwareFineTuning(heads_path=str(tmp_path / "heads"), beta=0.5)
     trainer(max_steps=2, callbacks=[callback]).fit(module, DataLoader([batch, batch], batch_size=None))
     assert len(module.seen) == 2
@@ -263,7 +240,7 @@ def test_gpu_hub_config_names_real_classes_and_arguments(name):
 
 
 def test_missing_heads_fail_unless_fresh_heads_are_allowed(tmp_path):
-    module = UserModule()
+    module = user_module()
     with pytest.raises(FileNotFoundError, match="heads"):
         ConceptAwareFineTuning(heads_path=str(tmp_path / "none")).setup(None, module, "fit")
     assert not module.net._forward_hooks and not hasattr(module, "caft_heads")  # nothing left behind

@@ -22,8 +22,8 @@ from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.modeling import ModelSpec, load_causal_lm
 from lightning_tokens.optim import OptimizerConfig
 from lightning_tokens.sft import CausalLMModule
-from tests.caft.builders import trainer
-from tests.tiny import tiny_config
+from tests.caft.builders import UserModule, user_batch
+from tests.tiny import tiny_config, trainer
 
 
 @pytest.fixture(autouse=True)
@@ -49,31 +49,6 @@ def checkpoint(tmp_path):
     return tmp_path / "base", heads
 
 
-class UserModule(pl.LightningModule):
-    def __init__(self, path):
-        super().__init__()
-        self.net = AutoModelForCausalLM.from_pretrained(path).train()  # from_pretrained gives eval mode
-        self.seen = []
-
-    def training_step(self, batch, batch_idx):
-        loss = self.net(**batch).loss
-        self.seen.append(loss.detach().clone())
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
-def user_batch(vocab):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, vocab, (3, 11), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 8:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :3] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def naive_caft_loss(model, mtp: MtpModel, batch, beta, gamma, s):
     """CE_0 + sum_k beta gamma^k s CE_k: the main loss from full logits, CE_k from transformers' MtpModel layers run
     over the right-padded batch (every scored position and what it reads are real tokens)."""
@@ -96,7 +71,7 @@ def naive_caft_loss(model, mtp: MtpModel, batch, beta, gamma, s):
 @pytest.mark.parametrize("keep_logits", [False, True])
 def test_caft_on_the_checkpoints_own_mtp_layers_in_a_user_module(checkpoint, keep_logits):
     path, written = checkpoint
-    module = UserModule(path)
+    module = UserModule(AutoModelForCausalLM.from_pretrained(path).train())  # from_pretrained gives eval mode
     reference = copy.deepcopy(module.net).eval()
     mtp = MtpModel(reference, 2).eval()
     mtp.layers.load_state_dict(written.blocks.state_dict())

@@ -12,8 +12,8 @@ import torch
 from lightning_tokens.caft import MultiTokenHeads, MultiTokenHeadsModule
 from lightning_tokens.modeling import ModelSpec
 from lightning_tokens.optim import OptimizerConfig
-from tests.caft.builders import task_data, trainer
-from tests.tiny import tiny_config
+from tests.caft.builders import task_data
+from tests.tiny import tiny_config, trainer
 
 
 @pytest.fixture(autouse=True)

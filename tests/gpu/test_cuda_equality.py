@@ -33,7 +33,7 @@ from lightning_tokens.quiet_star.attention import two_part_attention
 from lightning_tokens.token_loss import PlainLoss, TokenLossDispatcher
 from tests.caft.speculative_cases import MAX_NEW, PROMPTS, early_eos, greedy, noisy_heads
 from tests.data.builders import sample, tiny_model
-from tests.quiet_star.naive import N_THOUGHTS, TALK, THOUGHT_LENGTH, make_module, run_passes
+from tests.quiet_star.naive import N_THOUGHTS, TALK, THOUGHT_LENGTH, last_position, make_module, run_passes, talk_steps
 from tests.quiet_star.naive import batch as thought_batch
 from tests.tiny import padded_rows, tiny_config
 
@@ -272,24 +272,14 @@ def sequential_branch(module, prefix: torch.Tensor, thought: list[int], future: 
     the logits and hidden state (step 0 after ``<eot>``, step s after ``future[:s]``)."""
     lm, te = module.lm, module.thought_embeddings
     embed = lm.get_input_embeddings()
-
-    def forward(embeds):
-        out = lm(inputs_embeds=embeds[None], output_hidden_states=True)
-        return out.logits[0, -1], out.hidden_states[-1][0, -1]
-
     embeds = embed(prefix)
-    base = forward(embeds)
+    base = last_position(lm, embeds)
     embeds = torch.cat([embeds, te.start[None].to(embeds.dtype)])
     chosen_from = []
     for token in thought:
-        chosen_from.append(forward(embeds)[0])
+        chosen_from.append(last_position(lm, embeds)[0])
         embeds = torch.cat([embeds, embed(torch.tensor([token], device=prefix.device))])
-    embeds = torch.cat([embeds, te.end[None].to(embeds.dtype)])
-    talk = [forward(embeds)]
-    for s in range(1, len(future)):
-        embeds = torch.cat([embeds, embed(future[s - 1: s])])
-        talk.append(forward(embeds))
-    return chosen_from, base, talk
+    return chosen_from, base, talk_steps(module, embeds, future)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])

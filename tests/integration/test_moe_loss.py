@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lightning_tokens.data.encode import Encoded
 from lightning_tokens.data.packing import PackedCollator
 from lightning_tokens.token_loss import PlainLoss, TokenLossDispatcher, UnsupportedLoss
-from tests.lean_loss_naive import Kept, assert_same_gradients, gradients
+from tests.lean_loss_naive import assert_same_gradients, gradients, selected_step
 from tests.tiny import padded_rows
 
 VOCAB = 53
@@ -181,19 +181,12 @@ def test_token_selection_trains_on_its_tokens_plus_the_router_term(layout):
     batch = BATCHES[layout]()
     selection = TokenSelection(ratio=0.5, warmup=0)  # ssToken: history from a frozen copy, attention at the last layer
     selection.attach(model)
-    kept = Kept()
-    selection.dispatcher.add(kept)
-    try:
-        loss = model(**batch).loss
-        loss.backward()
-    finally:
-        selection.dispatcher.remove(kept)
-        selection.detach()
+    loss, kept = selected_step(selection, model, batch)
     grads = gradients(model)
     targets = batch["labels"][:, 1:] != -100
-    assert 0 < (kept.kept & targets).sum() < targets.sum()
+    assert 0 < (kept & targets).sum() < targets.sum()
     labels = batch["labels"].clone()
-    labels[:, 1:][~kept.kept] = -100
+    labels[:, 1:][~kept] = -100
     expected, expected_grads = transformers_loss(model, {**batch, "labels": labels})
     torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=1e-5)
     assert_same_gradients(grads, expected_grads)

@@ -8,7 +8,15 @@ import torch
 
 from lightning_tokens.data.packing import PackedCollator, PackingError, batch_is_packed, real_tokens, segment_ids
 from tests.integration.packed_samples import ROWS, SAMPLES, packed, padded
-from tests.lean_loss_naive import KINDS, assert_same_gradients, caft_on, gradients, load, naive_caft_loss
+from tests.lean_loss_naive import (
+    KINDS,
+    assert_same_gradients,
+    caft_on,
+    gradients,
+    load,
+    naive_caft_loss,
+    selected_step,
+)
 
 
 def per_sample(mask: torch.Tensor, batch: dict) -> list[list[int]]:
@@ -28,13 +36,6 @@ def per_sample(mask: torch.Tensor, batch: dict) -> list[list[int]]:
     return [result[i] for i in range(len(SAMPLES))]
 
 
-class Kept:
-    """A handler run after the method: what it kept."""
-
-    def reshape_token_loss(self, ctx):
-        self.kept = (ctx.weights > 0).detach()
-
-
 def selection_run(kind: str, batch: dict, mode: str) -> tuple:
     from lightning_tokens import TokenSelection
 
@@ -46,15 +47,8 @@ def selection_run(kind: str, batch: dict, mode: str) -> tuple:
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(torch.randn(param.shape, generator=generator) * 0.02)
-    kept = Kept()
-    selection.dispatcher.add(kept)
-    try:
-        loss = model(**batch).loss
-        loss.backward()
-    finally:
-        selection.dispatcher.remove(kept)
-        selection.detach()
-    return loss.detach(), per_sample(kept.kept, batch), gradients(model), selection.metrics
+    loss, kept = selected_step(selection, model, batch)
+    return loss.detach(), per_sample(kept, batch), gradients(model), selection.metrics
 
 
 @pytest.mark.parametrize("mode", ["sstoken", "attention", "loss"])

@@ -52,35 +52,43 @@ def run_passes(module: QuietSTaRModule, ids, mask, temperature: float = 0.0, gen
                              THOUGHT_LENGTH, TALK, temperature=temperature, generator=generator)
 
 
+def last_position(lm, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and last hidden state at the last position of one full forward of ``embeds`` (``(L, H)``)."""
+    out = lm(inputs_embeds=embeds[None], output_hidden_states=True)
+    return out.logits[0, -1], out.hidden_states[-1][0, -1]
+
+
+def talk_steps(module: QuietSTaRModule, embeds: torch.Tensor, future: torch.Tensor) -> list:
+    """Per talk step, the logits and last hidden state after ``embeds`` (a prefix, ``<sot>`` and a thought): step 0
+    after ``<eot>``, step s after ``<eot>`` and ``future[:s]``; by plain full forwards."""
+    lm = module.lm
+    embeds = torch.cat([embeds, module.thought_embeddings.end[None].to(embeds.dtype)])
+    talk = [last_position(lm, embeds)]
+    for s in range(1, len(future)):
+        embeds = torch.cat([embeds, lm.get_input_embeddings()(future[s - 1: s])])
+        talk.append(last_position(lm, embeds))
+    return talk
+
+
 def naive_branch(module: QuietSTaRModule, prefix: torch.Tensor, future: torch.Tensor):
     """Greedy thought after ``prefix`` by plain full forwards, then the talk steps on ``future``.
 
     Returns the thought tokens, the base logits and last hidden state of ``prefix``, and per talk step the
-    logits and hidden state (step 0 after ``<eot>``, step s after ``future[:s]``).
+    logits and hidden state (see :func:`talk_steps`).
     """
     lm, te = module.lm, module.thought_embeddings
     embed = lm.get_input_embeddings()
-
-    def forward(embeds):
-        out = lm(inputs_embeds=embeds[None], output_hidden_states=True)
-        return out.logits[0, -1], out.hidden_states[-1][0, -1]
-
     embeds = embed(prefix)
-    base_logits, base_hidden = forward(embeds)
+    base_logits, base_hidden = last_position(lm, embeds)
     embeds = torch.cat([embeds, te.start[None].to(embeds.dtype)])
     thought = []
     for _ in range(THOUGHT_LENGTH):
-        logits, _ = forward(embeds)
+        logits, _ = last_position(lm, embeds)
         logits[module.forbidden_ids] = float("-inf")
         token = int(logits.argmax())
         thought.append(token)
         embeds = torch.cat([embeds, embed(torch.tensor([token]))])
-    embeds = torch.cat([embeds, te.end[None].to(embeds.dtype)])
-    talk = [forward(embeds)]
-    for s in range(1, len(future)):
-        embeds = torch.cat([embeds, embed(future[s - 1: s])])
-        talk.append(forward(embeds))
-    return thought, (base_logits, base_hidden), talk
+    return thought, (base_logits, base_hidden), talk_steps(module, embeds, future)
 
 
 def reference_loss(module, passes, ids, mask, targets, base_weight, policy_weight, temperature, chosen=None):

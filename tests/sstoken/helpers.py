@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
 import yaml
 
@@ -46,13 +45,6 @@ def run_selection(selection, model, batch):
 
 
 SMALL_TASK = dict(num_train=24, num_val=4, noise=0.25, noisy_fraction=0.3)
-
-
-def trainer(**kwargs):
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    options.update(kwargs)
-    return pl.Trainer(**options)
 
 
 def lora_spec(**extra):

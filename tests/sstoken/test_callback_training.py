@@ -18,9 +18,9 @@ from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.sft import CausalLMModule
 from lightning_tokens.sstoken import TokenSelection
-from tests.sstoken.helpers import SMALL_TASK, lora_spec, trainer
+from tests.sstoken.helpers import SMALL_TASK, lora_spec
 from tests.sstoken.naive import make_batch, naive_attention, naive_select, naive_token_losses
-from tests.tiny import tiny_config
+from tests.tiny import tiny_config, trainer
 
 
 def test_yaml_config_runs_with_causal_lm_module(tmp_path):

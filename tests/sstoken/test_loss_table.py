@@ -12,8 +12,8 @@ from lightning_tokens.modeling import ModelSpec
 from lightning_tokens.sft import CausalLMModule
 from lightning_tokens.sstoken import TokenSelection, score_main
 from lightning_tokens.sstoken.loss_table import LossTable, sample_key
-from tests.sstoken.helpers import SMALL_TASK, trainer, write_config
-from tests.tiny import tiny_config
+from tests.sstoken.helpers import SMALL_TASK, write_config
+from tests.tiny import tiny_config, trainer
 
 
 def test_precomputed_file_for_other_data_is_refused(tmp_path):

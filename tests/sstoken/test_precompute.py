@@ -12,9 +12,9 @@ from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.modeling import ModelSpec
 from lightning_tokens.sft import CausalLMModule
 from lightning_tokens.sstoken import LossTable, TokenSelection, score_main
-from tests.sstoken.helpers import SMALL_TASK, trainer, write_config
+from tests.sstoken.helpers import SMALL_TASK, write_config
 from tests.sstoken.naive import naive_token_losses
-from tests.tiny import tiny_config
+from tests.tiny import tiny_config, trainer
 
 
 def test_score_command_then_precomputed_history(tmp_path):
