@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from lightning_tokens.caft import MultiTokenHeads, capture_trunk
 from lightning_tokens.caft.drafter import HeadDrafter
-from lightning_tokens.modeling import ModelSpec, load_causal_lm
+from lightning_tokens.modeling import ModelSpec, cache_keyword, load_causal_lm
 from tests.tiny import padded_rows, tiny_config
 
 
@@ -32,7 +32,7 @@ def test_incremental_drafts_equal_the_argmax_of_full_head_logits(architecture):
             seen = torch.cat([ids, extra[:, :step]], 1)
             slot_mask = torch.cat([mask, torch.ones_like(extra[:, :step])], 1)
             with capture_trunk(model) as holder:
-                model(input_ids=new, attention_mask=slot_mask, past_key_values=cache, use_cache=True)
+                model(input_ids=new, attention_mask=slot_mask, use_cache=True, **{cache_keyword(model): cache})
             drafts = drafter.advance(holder["trunk"], slot_mask, torch.full((2,), new.shape[1] - 1))
             with capture_trunk(model) as full:
                 model(input_ids=seen, attention_mask=slot_mask)

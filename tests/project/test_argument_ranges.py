@@ -52,7 +52,7 @@ BAD_VALUES: dict[str, dict[str, list]] = {
                       "eval_batch_size": [0], "num_workers": [-1], "pad_to_multiple_of": [0]},
     "TokenLossContext": {"chunk_size": [0]},
     "TokenSelection": {"ratio": [0.0, 1.5, True], "gamma": [-0.1], "warmup": [-1], "attention_layer": [1.5, True],
-                       "ema_decay": [1.0], "seed": [0.5]},
+                       "ema_decay": [1.0], "seed": [0.5], "runaway_window": [0, 1.5], "runaway_rise": [0.0, -1]},
     "TraceDataModule": {"max_length": [1], "val_fraction": [-0.5], "batch_size": [0], "eval_batch_size": [0],
                         "seed": [0.5], "num_workers": [-1]},
     "collect_traces": {"max_new_tokens": [0], "batch_size": [0], "temperature": [0.0]},
