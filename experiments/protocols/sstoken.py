@@ -54,6 +54,8 @@ VARIANTS = {
     "sstoken-ema0.999": dict(mode="sstoken", history="ema", ema_decay=0.999),
     "sstoken-refresh16": dict(mode="sstoken", refresh=16),
     "sstoken-random30": dict(mode="sstoken", random_share=0.3),
+    # the package's fallback: attention-only selection from the step the runaway detector fires
+    "sstoken-fallback": dict(mode="sstoken", on_runaway="attention"),
 }
 #: Seeds of the :data:`VARIANTS` rows (the part's ``--seeds``, when given, apply to them too).
 VARIANT_SEEDS = (0, 1, 2)
@@ -185,7 +187,8 @@ def selection_for(method: str, seed: int, reference: Optional[str]):
         return None
     kwargs = dict(mode=mode, seed=seed, reference=ModelSpec(name_or_path=reference) if mode == "rho1" else None)
     if "on_runaway" in inspect.signature(TokenSelection).parameters:
-        kwargs["on_runaway"] = "warn"  # the rows measure the selection itself, whatever the default's fallback
+        # the rows measure the selection itself, whatever the default's fallback, unless the row is the fallback
+        kwargs["on_runaway"] = change.pop("on_runaway", "warn")
     if "refresh" in change:
         return RefreshSelection(change.pop("refresh"), **kwargs, **change)
     if "random_share" in change:
@@ -248,9 +251,10 @@ def run_part(base: Path, out: Path, jobs: int, quick: bool, seeds: Optional[list
     runs = [(f"{method}-{seed}", dict(method=method, seed=seed, base=str(base), settings=settings,
                                       reference=str(reference)))
             for seed in seeds for method in METHODS]
-    # The runaway-selection rows, a row's seeds together, in the order of VARIANTS: learning rate, EMA, variants.
+    # The runaway-selection rows, a seed's rows together (every row has a first seed before any has a second), in
+    # the order of VARIANTS: learning rate, EMA, the variants.
     runs += [(f"{method}-{seed}", dict(method=method, seed=seed, base=str(base), settings=settings, reference=None))
-             for method in VARIANTS for seed in variant_seeds]
+             for seed in variant_seeds for method in VARIANTS]
     # The base, clean SFT and ssToken on clean data once each, on seed 0's problems: references, not methods. They
     # go last, the base (no training, the shortest run) at the very end: runs on 2 cores leave one core idle while
     # the last runs alone.

@@ -23,9 +23,14 @@ RULES = ((8, 0.5), (4, 0.5), (8, 0.25), (8, 1.0), (16, 0.5))
 #: Share of the steps ssToken ranks by attention alone before REL comes in (``TokenSelection(warmup=0.2)``).
 WARMUP = 0.2
 #: The runs of the plot: (method, label, colour).
-PLOTTED = (("sstoken", "ssToken, lr 1e-3", "tab:red"), ("sstoken@lr3e-4", "ssToken, lr 3e-4", "tab:orange"),
-           ("sstoken@lr1e-4", "ssToken, lr 1e-4", "tab:green"), ("rho1", "Rho-1, lr 1e-3", "tab:blue"),
-           ("attention", "attention only, lr 1e-3", "tab:gray"))
+PLOTTED = (("sstoken", "ssToken, lr 1e-3", "tab:red"), ("sstoken@lr1e-4", "ssToken, lr 1e-4", "tab:green"),
+           ("rho1", "Rho-1, lr 1e-3", "tab:blue"), ("attention", "attention only, lr 1e-3", "tab:gray"))
+#: The runs of the negative-REL panel.
+NEGATIVE = (("sstoken", "ssToken, lr 1e-3", "tab:red"), ("sstoken@lr3e-4", "ssToken, lr 3e-4", "tab:orange"),
+            ("sstoken@lr1e-4", "ssToken, lr 1e-4", "tab:green"), ("sstoken-ema0.9", "EMA 0.9", "tab:purple"),
+            ("sstoken-refresh16", "refreshed every 16", "tab:brown"))
+#: Steps in the moving mean of the plotted curves.
+SMOOTH = 5
 
 
 def first_firing(trace: dict, warmup_steps: int, window: int = 8, rise: float = 0.5,
@@ -78,50 +83,72 @@ def firing_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], path: Path, seed: int = 0) -> None:
-    """Kept (solid) and dropped (dashed) tokens' current loss per step of the :data:`PLOTTED` runs of ``seed``,
-    and the noise tokens' loss beside it, into ``path``."""
+def plot(runs: list[dict], path: Path, seeds: Optional[list[int]] = None) -> None:
+    """Kept (solid) and dropped (dashed) tokens' current loss per step of the :data:`PLOTTED` runs, over the
+    response tokens and over the clean tokens of noisy samples, and the share of negative REL of the
+    :data:`NEGATIVE` runs; each curve the mean over ``seeds`` (default: every seed there is), then a moving mean
+    of :data:`SMOOTH` steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    by_name = {(r["method"], r["seed"]): r for r in runs}
-    for method, label, colour in PLOTTED:
-        run = by_name.get((method, seed))
-        if run is None:
-            continue
-        t = run["trace"]
-        for axes, kept, dropped in ((left, "loss_kept", "loss_dropped"), (right, "noise_kept", "noise_dropped")):
-            axes.plot(t["step"], _nan(t[kept]), color=colour, label=f"{label}: kept")
-            axes.plot(t["step"], _nan(t[dropped]), color=colour, linestyle="--", label=f"{label}: dropped")
+    fig, panels = plt.subplots(1, 3, figsize=(16, 4.8), sharex=True)
+    for axes, kept, dropped in ((panels[0], "loss_kept", "loss_dropped"), (panels[1], "clean_kept", "clean_dropped")):
+        for method, label, colour in PLOTTED:
+            steps, curves = _mean_over_seeds(runs, method, (kept, dropped), seeds)
+            if steps:
+                axes.plot(steps, curves[0], color=colour, label=f"{label}: kept")
+                axes.plot(steps, curves[1], color=colour, linestyle="--", label=f"{label}: dropped")
+    for method, label, colour in NEGATIVE:
+        steps, curves = _mean_over_seeds(runs, method, ("negative_rel",), seeds)
+        if steps:
+            panels[2].plot(steps, curves[0], color=colour, label=label)
     warmup = next((warmup_of(r) for r in runs), None)
-    for axes, title in ((left, "response tokens"), (right, "noise tokens (noisy samples)")):
+    titles = ("all response tokens (the detector's figures)", "clean tokens of noisy samples",
+              "share of response tokens with negative REL")
+    for axes, title in zip(panels, titles):
         if warmup:
             axes.axvline(warmup + 0.5, color="black", linewidth=0.8, linestyle=":")
-        axes.set_title(f"Runaway selection: current loss of kept and dropped {title}, seed {seed}", fontsize=9)
-        axes.set_xlabel("optimizer step (dotted: end of the attention-only warm-up)")
-        axes.set_yscale("log")
-    left.set_ylabel("mean current loss (nats / token)")
-    left.legend(fontsize=7)
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("optimizer step (dotted: end of the attention-only warm-up)", fontsize=8)
+        axes.legend(fontsize=7)
+    panels[0].set_ylabel("mean current loss of kept / dropped tokens (nats)")
+    used = sorted({r["seed"] for r in runs if seeds is None or r["seed"] in seeds})
+    fig.suptitle(f"Runaway selection: kept and dropped tokens' loss over training (mean of seeds "
+                 f"{', '.join(map(str, used))}, moving mean of {SMOOTH} steps)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
-def _nan(values: list) -> list[float]:
-    return [math.nan if v is None else v for v in values]
+def _mean_over_seeds(runs, method, names, seeds):
+    """Steps and, per name of ``names``, the per-step mean over the seeds of ``method``, smoothed."""
+    chosen = [r["trace"] for r in runs if r["method"] == method and (seeds is None or r["seed"] in seeds)]
+    if not chosen:
+        return [], []
+    steps = chosen[0]["step"]
+    curves = []
+    for name in names:
+        values = [[math.nan if v is None else v for v in trace[name]] for trace in chosen]
+        mean = [statistics.mean(column) for column in zip(*values)]
+        curves.append([_window_mean(mean[max(0, i - SMOOTH + 1):i + 1]) for i in range(len(mean))])
+    return steps, curves
+
+
+def _window_mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.mean(finite) if finite else math.nan
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="the ssToken part's runs, e.g. runs/evidence/sstoken")
     parser.add_argument("--plot", type=Path, default=Path("experiments/sstoken_runaway.png"))
-    parser.add_argument("--seed", type=int, default=0, help="the seed plotted")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="the seeds plotted (default: all)")
     args = parser.parse_args()
     runs = load(args.folder)
     print(firing_table(runs))
-    plot(runs, args.plot, args.seed)
+    plot(runs, args.plot, args.seeds)
     print(f"plot: {args.plot}")
 
 
