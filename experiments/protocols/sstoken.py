@@ -25,7 +25,6 @@ reads them).
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from pathlib import Path
@@ -186,9 +185,8 @@ def selection_for(method: str, seed: int, reference: Optional[str]):
     if mode in ("sft", "base", "clean"):
         return None
     kwargs = dict(mode=mode, seed=seed, reference=ModelSpec(name_or_path=reference) if mode == "rho1" else None)
-    if "on_runaway" in inspect.signature(TokenSelection).parameters:
-        # the rows measure the selection itself, whatever the default's fallback, unless the row is the fallback
-        kwargs["on_runaway"] = change.pop("on_runaway", "warn")
+    # the rows measure the selection itself, whatever the default's fallback, unless the row is the fallback
+    kwargs["on_runaway"] = change.pop("on_runaway", "warn")
     if "refresh" in change:
         return RefreshSelection(change.pop("refresh"), **kwargs, **change)
     if "random_share" in change:
