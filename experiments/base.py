@@ -103,6 +103,10 @@ class BaseSettings:
         style: Solution style of the training problems. Default ``"mixed"``.
         seed: Task seed of the first difficulty (the others follow: 100, 101, 102), also the seed of the
             model's initialisation and of the data order. Default ``100``.
+        threads: Torch threads of the training. The order of float sums depends on it, so the weights do: a
+            base built on 1 thread differs from one built on 2 (the ssToken evidence ran on 1, the other parts on
+            2). The key names it only when it is not 2, the count every base had before it was a setting.
+            Default ``2``.
     """
 
     layers: int = 6
@@ -117,6 +121,7 @@ class BaseSettings:
     problems: int = 0
     style: str = "mixed"
     seed: int = 100
+    threads: int = 2
 
     def resolved(self) -> "BaseSettings":
         """These settings with ``problems`` filled in when it is ``0`` (so the key names the real data)."""
@@ -126,11 +131,16 @@ class BaseSettings:
         return dataclasses.replace(self, problems=math.ceil(1.05 * tokens / TOKENS_PER_TRIPLE))
 
     def key(self) -> str:
-        """A readable slug and a hash of every setting, e.g. ``l6-h192-s2200-3f2a9c1e``."""
+        """A readable slug and a hash of every setting, e.g. ``l6-h192-s2200-3f2a9c1e`` (``-t1`` after the steps on
+        1 thread)."""
         settings = self.resolved()
         identity = {**dataclasses.asdict(settings), "held_out": HELD_OUT}
+        threads = identity.pop("threads")
+        if threads != 2:
+            identity["threads"] = threads
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-        return f"l{settings.layers}-h{settings.hidden}-s{settings.steps}-{digest[:8]}"
+        slug = f"l{settings.layers}-h{settings.hidden}-s{settings.steps}" + (f"-t{threads}" if threads != 2 else "")
+        return f"{slug}-{digest[:8]}"
 
 
 @dataclass(frozen=True)
@@ -217,7 +227,17 @@ class Throughput(pl.Callback):
 
 
 def train(settings: BaseSettings, records: Path, out: Path) -> dict[str, Any]:
-    """Train the base on the records of ``records`` and export it to ``out``; returns timing figures."""
+    """Train the base on the records of ``records`` on ``settings.threads`` torch threads and export it to
+    ``out``; returns timing figures."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _train(settings, records, out)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(settings: BaseSettings, records: Path, out: Path) -> dict[str, Any]:
     pl.seed_everything(settings.seed, verbose=False)
     module = CausalLMModule(
         ModelSpec(config=llama_config(settings.layers, settings.hidden), seed=settings.seed),
@@ -356,14 +376,15 @@ def main() -> None:
     parser.add_argument("--eval-seed", type=int, default=eval_defaults.seed)
     parser.add_argument("--max-new-tokens", type=int, default=eval_defaults.max_new_tokens)
     parser.add_argument("--eval-batch-size", type=int, default=eval_defaults.batch_size)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="torch threads of the training and the evaluation (the weights depend on it)")
     parser.add_argument("--root", default=str(ROOT), help="cache folder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = BaseSettings(layers=args.layers, hidden=args.hidden, steps=args.steps, batch_size=args.batch_size,
                             max_length=args.max_length, lr=args.lr, warmup=args.warmup,
                             min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
-                            problems=args.problems, style=args.style, seed=args.seed)
+                            problems=args.problems, style=args.style, seed=args.seed, threads=args.threads)
     evaluation = EvalSettings(problems=args.eval, seed=args.eval_seed, max_new_tokens=args.max_new_tokens,
                               batch_size=args.eval_batch_size)
     print(build_base(settings, evaluation, Path(args.root)))

@@ -5,6 +5,7 @@ interrupted part resumes, and each part prints its markdown table and writes it 
 
     OMP_NUM_THREADS=2 .venv/bin/python -m experiments.evidence base          # the base (cached), its exact match
     .venv/bin/python -m experiments.evidence sstoken --jobs 2                 # ssToken and its baselines
+    .venv/bin/python -m experiments.evidence sstoken --jobs 2 --seeds 0 1 2 3 4 --base-threads 1   # its table
     .venv/bin/python -m experiments.evidence caft --jobs 2 --seeds 0          # one part, one seed
     .venv/bin/python -m experiments.evidence all --jobs 2                     # the base, then every part
 
@@ -14,6 +15,8 @@ whose docstring states its protocol and the reasons for every choice. ``all`` bu
 parts side by side over one pool of ``--jobs`` cores (``experiments.protocols.jobs.share_cores``), so no core
 idles while a part waits on a sequential stage; each part prints its table as it finishes. ``--quick`` shrinks every
 part (and the base) to a smoke run with a separate cache: it checks the pipeline, not the methods.
+``--base-threads`` is the thread count the base trains on (``BaseSettings.threads``): its weights depend on it,
+and the ssToken table ran on a base built on 1 thread, the other parts on 2.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ START_ORDER = ("budget", "caft", "quiet_star", "sstoken")
 
 
 def base_part(args) -> Path:
-    settings = BaseSettings(steps=30) if args.quick else BaseSettings()
+    settings = BaseSettings(steps=30, threads=args.base_threads) if args.quick else BaseSettings(
+        threads=args.base_threads)
     evaluation = EvalSettings(problems=16) if args.quick else EvalSettings()
     return build_base(settings, evaluation)
 
@@ -45,6 +49,8 @@ def main() -> None:
     parser.add_argument("--output", default="runs/evidence")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the methods")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (default: each part's)")
+    parser.add_argument("--base-threads", type=int, default=2,
+                        help="torch threads the base trains on (its weights depend on it; ssToken's table: 1)")
     args = parser.parse_args()
     started = time.time()
     base = base_part(args)

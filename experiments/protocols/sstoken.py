@@ -14,13 +14,20 @@ The audit counts, in noisy samples, how many noise tokens and how many clean res
 a method that filters noise keeps noise below its 60% budget and clean tokens above it.
 
 Runaway selection (issue 34: REL-ranked selection keeping what the model learns first and dropping for good what
-it gets worse at) is measured by the rows of :data:`VARIANTS`, on :data:`VARIANT_SEEDS`: the learning rate
+it gets worse at) is measured by the rows of :data:`VARIANTS`: the learning rate
 (``sft`` and ``sstoken`` at 1e-4 and 3e-4), an EMA history at decays 0.9, 0.99 and 0.999 (a time constant of
 10, 100 and 1,000 steps: after the 64 steps the last two still hold 53% and 94% of the base), a history
 refreshed every 16 steps, and 30% of the kept budget drawn at random (``sstoken_variants.py``). Every run
 records per optimizer step the mean current loss of the kept and dropped response tokens, the same for noise and
 clean tokens of noisy samples, and the share of negative REL (``trace`` in its JSON; ``sstoken_runaway.py``
-reads them).
+reads them). Every one of them also runs on the clean problems (``clean_<row>``, as ``clean`` and
+``clean_sstoken`` do for full SFT and ssToken at lr 1e-3): the loop does not need the noise, so a setting that
+avoids it must avoid it there too.
+
+What runs: ``--seeds`` runs every row (noisy and clean) on the seeds given; the table of the results page is
+``--seeds 0 1 2 3 4``. Without ``--seeds`` the part runs what fits the time the part had before the runaway rows
+(:data:`DEFAULT_RUNS`): the methods on :data:`METHOD_SEEDS`, the runaway rows and the clean rows that carry the
+guidance on :data:`VARIANT_SEEDS`, the three references once.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ SETTINGS = dict(preset="medium", style="concise", num_train=1024, num_eval=512, 
                 noise=dict(noisy_fraction=0.5, spans=3, span_length=6, digit_rate=0.15))
 #: ``--quick``: a smoke run of the pipeline.
 QUICK = dict(num_train=32, num_eval=16, max_new_tokens=96)
+#: The seeds of the results page (``--seeds 0 1 2 3 4``).
 SEEDS = (0, 1, 2, 3, 4)
 METHODS = ("sft", "sstoken", "loss", "attention", "random", "rho1")
 #: Rows measuring runaway selection: what each changes in the protocol (``mode`` is the method it runs).
@@ -56,10 +64,22 @@ VARIANTS = {
     # the package's fallback: attention-only selection from the step the runaway detector fires
     "sstoken-fallback": dict(mode="sstoken", on_runaway="attention"),
 }
-#: Seeds of the :data:`VARIANTS` rows (the part's ``--seeds``, when given, apply to them too).
-VARIANT_SEEDS = (0, 1, 2)
-#: The rows of the table: the base itself (no fine-tuning) and clean SFT on the same problems, then every method.
-ROWS = ("base", "clean", "clean_sstoken", *METHODS, *VARIANTS)
+#: The clean-problem rows: full SFT (``clean``) and ssToken (``clean_sstoken``) at lr 1e-3, then every
+#: :data:`VARIANTS` row on the clean problems (``clean_<row>``).
+CLEAN_ROWS = ("clean", "clean_sstoken", *(f"clean_{row}" for row in VARIANTS))
+#: Seeds of the methods without ``--seeds``.
+METHOD_SEEDS = (0, 1, 2)
+#: Seeds of the :data:`VARIANTS` rows and of :data:`DEFAULT_CLEAN` without ``--seeds``.
+VARIANT_SEEDS = (0,)
+#: The clean rows run without ``--seeds`` (besides ``clean`` and ``clean_sstoken``, which run once as references):
+#: ssToken on clean problems at the learning rate the guidance recommends, and with the package's fallback.
+DEFAULT_CLEAN = ("clean_sstoken@lr1e-4", "clean_sstoken-fallback")
+#: Runs without ``--seeds``: as many as the part had when it ran in 68.8 min (5 seeds of 6 methods, 3 references),
+#: every one of the same cost (a LoRA epoch of 64 steps and the 512 held-out problems).
+DEFAULT_RUNS = (len(METHODS) * len(METHOD_SEEDS) + (len(VARIANTS) + len(DEFAULT_CLEAN)) * len(VARIANT_SEEDS)
+                + 3)
+#: The rows of the table: the base itself (no fine-tuning), every method, the runaway rows, the clean rows.
+ROWS = ("base", *METHODS, *VARIANTS, *CLEAN_ROWS)
 #: Per-step figures of the audit (``trace`` of a run's JSON): mean current loss of the kept and dropped response
 #: tokens, of the noise and clean tokens of noisy samples kept and dropped, and the share of negative REL.
 TRACE = ("loss_kept", "loss_dropped", "noise_kept", "noise_dropped", "clean_kept", "clean_dropped", "negative_rel")
@@ -172,17 +192,30 @@ def audit_callback(masks: dict[str, list[bool]], selection=None):
     return NoiseAudit()
 
 
+def is_clean(row: str) -> bool:
+    """Whether ``row`` trains on the clean problems (:data:`CLEAN_ROWS`)."""
+    return row in CLEAN_ROWS
+
+
+def row_change(row: str) -> dict[str, Any]:
+    """What ``row`` runs: ``mode`` (the method) and what it changes in the protocol (``lr``, ``history``, ...)."""
+    noisy = row.removeprefix("clean_") if row.startswith("clean_") else row
+    if noisy in VARIANTS:
+        return dict(VARIANTS[noisy])
+    return {"mode": "sft" if noisy in ("base", "clean") else noisy}
+
+
 def selection_for(method: str, seed: int, reference: Optional[str]):
-    """The :class:`TokenSelection` of ``method`` (a method, ``clean_sstoken`` or a :data:`VARIANTS` row), or
-    ``None`` for the rows that train on every token."""
+    """The :class:`TokenSelection` of ``method`` (a method, a :data:`VARIANTS` row or a :data:`CLEAN_ROWS` row),
+    or ``None`` for the rows that train on every token."""
     from experiments.protocols.sstoken_variants import RandomShareSelection, RefreshSelection
     from lightning_tokens import ModelSpec
     from lightning_tokens.sstoken import TokenSelection
 
-    change = dict(VARIANTS.get(method, {"mode": "sstoken" if method == "clean_sstoken" else method}))
+    change = row_change(method)
     change.pop("lr", None)
     mode = change.pop("mode")
-    if mode in ("sft", "base", "clean"):
+    if mode == "sft":
         return None
     kwargs = dict(mode=mode, seed=seed, reference=ModelSpec(name_or_path=reference) if mode == "rho1" else None)
     # the rows measure the selection itself, whatever the default's fallback, unless the row is the fallback
@@ -201,8 +234,8 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], referen
     from experiments.protocols.noise import NoiseSettings, NoisySFTDataModule
 
     pl.seed_everything(seed, verbose=False)
-    model = module(base, settings, seed, lr=VARIANTS.get(method, {}).get("lr"))
-    clean = method in ("clean", "clean_sstoken")
+    model = module(base, settings, seed, lr=row_change(method).get("lr"))
+    clean = is_clean(method)
     noise = NoiseSettings(**{**settings["noise"], **({"noisy_fraction": 0.0} if clean else {})})
     data = NoisySFTDataModule(noise=noise, noise_seed=seed,
                               task=task(settings), max_length=settings["max_length"],
@@ -230,52 +263,95 @@ def run_one(method: str, seed: int, base: str, settings: dict[str, Any], referen
 
 
 def run_part(base: Path, out: Path, jobs: int, quick: bool, seeds: Optional[list[int]] = None) -> str:
-    """Every method on every seed (``jobs`` runs side by side, cached in ``out``); the markdown table.
+    """The part's runs (``jobs`` side by side, cached in ``out``); the markdown table of every run there is.
 
     Args:
         base: The pretrained base (a ``save_pretrained`` folder).
         out: Folder of the cached runs, the reference model and ``settings.json``.
         jobs: Runs side by side, one thread each.
-        quick: Smoke-run sizes (:data:`QUICK`) and two seeds.
-        seeds: Seeds to run, for every row. Default ``None``: :data:`SEEDS` for the methods and
-            :data:`VARIANT_SEEDS` for the :data:`VARIANTS` rows (two and one of them with ``quick``).
+        quick: Smoke-run sizes (:data:`QUICK`); the methods on two seeds.
+        seeds: Seeds to run every row on, noisy and clean (:data:`SEEDS` for the results page). Default ``None``:
+            :func:`planned_runs` without seeds, :data:`DEFAULT_RUNS` runs.
     """
     settings = {**SETTINGS, **(QUICK if quick else {})}
     same_settings(out, {"base": str(base), **settings})
     with in_process_step():
         reference = build_reference(str(base), settings, out)
-    variant_seeds = seeds if seeds is not None else (VARIANT_SEEDS[:1] if quick else VARIANT_SEEDS)
-    seeds = seeds if seeds is not None else (SEEDS[:2] if quick else SEEDS)
-    runs = [(f"{method}-{seed}", dict(method=method, seed=seed, base=str(base), settings=settings,
-                                      reference=str(reference)))
-            for seed in seeds for method in METHODS]
-    # The runaway-selection rows, a seed's rows together (every row has a first seed before any has a second), in
-    # the order of VARIANTS: learning rate, EMA, the variants.
-    runs += [(f"{method}-{seed}", dict(method=method, seed=seed, base=str(base), settings=settings, reference=None))
-             for seed in variant_seeds for method in VARIANTS]
-    # The base, clean SFT and ssToken on clean data once each, on seed 0's problems: references, not methods. They
-    # go last, the base (no training, the shortest run) at the very end: runs on 2 cores leave one core idle while
-    # the last runs alone.
-    runs += [(f"{method}-0", dict(method=method, seed=0, base=str(base), settings=settings, reference=None))
-             for method in ("clean_sstoken", "clean", "base")]
-    return table(run_all("sstoken", runs, out, jobs))
+    runs = [(f"{row}-{seed}", dict(method=row, seed=seed, base=str(base), settings=settings,
+                                   reference=str(reference) if row == "rho1" else None))
+            for row, seed in planned_runs(seeds, quick)]
+    run_all("sstoken", runs, out, jobs)
+    return table(load_results(out))
+
+
+def planned_runs(seeds: Optional[list[int]] = None, quick: bool = False) -> list[tuple[str, int]]:
+    """``(row, seed)`` of every run, in the order they start.
+
+    With ``seeds``, every row of :data:`ROWS` on each of them (the base once), a seed's noisy rows together before
+    the next seed's, then the clean rows the same way. Without, the methods on :data:`METHOD_SEEDS` (two with
+    ``quick``), the :data:`VARIANTS` rows and :data:`DEFAULT_CLEAN` on :data:`VARIANT_SEEDS`, and the references
+    (``clean``, ``clean_sstoken``, ``base``) on seed 0. The base, the shortest run, goes last: on 2 cores the last
+    run leaves one core idle.
+
+    Args:
+        seeds: Seeds of every row. Default ``None``: the default plan above.
+        quick: Two seeds for the methods in the default plan. Default ``False``.
+    """
+    if seeds is not None:
+        noisy = [(row, seed) for seed in seeds for row in (*METHODS, *VARIANTS)]
+        clean = [(row, seed) for seed in seeds for row in CLEAN_ROWS]
+        return noisy + clean + [("base", 0)]
+    method_seeds = METHOD_SEEDS[:2] if quick else METHOD_SEEDS
+    return ([(row, seed) for seed in method_seeds for row in METHODS]
+            + [(row, seed) for seed in VARIANT_SEEDS for row in (*VARIANTS, *DEFAULT_CLEAN)]
+            + [("clean_sstoken", 0), ("clean", 0), ("base", 0)])
+
+
+def load_results(out: Path) -> list[dict]:
+    """Every finished run in ``out``: the table shows all there are, from any earlier ``--seeds``."""
+    import json
+
+    return [json.loads(path.read_text()) for path in sorted(out.glob("*-*.json"))]
+
+
+#: What each row of the table is, in words (a clean row is its noisy row's words on the clean problems).
+LABELS = {"base": "base (no fine-tuning)", "sft": "full SFT", "sstoken": "ssToken", "loss": "loss only (REL)",
+          "attention": "attention only", "random": "random 60%", "rho1": "Rho-1", "clean": "full SFT",
+          "clean_sstoken": "ssToken", "sft@lr1e-4": "full SFT, lr 1e-4", "sstoken@lr1e-4": "ssToken, lr 1e-4",
+          "sft@lr3e-4": "full SFT, lr 3e-4", "sstoken@lr3e-4": "ssToken, lr 3e-4",
+          "sstoken-ema0.9": "ssToken, EMA history 0.9", "sstoken-ema0.99": "ssToken, EMA history 0.99",
+          "sstoken-ema0.999": "ssToken, EMA history 0.999",
+          "sstoken-refresh16": "ssToken, history refreshed every 16 steps",
+          "sstoken-random30": "ssToken, 30% of the budget at random",
+          "sstoken-fallback": "ssToken, `on_runaway=\"attention\"`"}
+
+
+def label(row: str) -> str:
+    """The words of ``row`` (:data:`LABELS`)."""
+    return LABELS.get(row) or LABELS[row.removeprefix("clean_")]
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: exact match and held-out loss (mean and spread) per method, kept rates of noise and clean tokens."""
-    lines = ["| method | exact match % (mean ± sd) | per seed | held-out loss (mean ± sd) "
-             "| kept noise / kept clean tokens (noisy samples) |", "|---|---|---|---|---|"]
+    """Markdown, two tables: on the noisy problems, exact match and held-out loss (mean, spread, per seed) and the
+    kept rates of noise and clean tokens per row; on the clean problems, exact match and held-out loss."""
+    noisy = ["| row | setting | exact match % (mean ± sd) | per seed | held-out loss (mean ± sd) "
+             "| kept noise / kept clean tokens (noisy samples) |", "|---|---|---|---|---|---|"]
+    clean = ["| row | setting, on the clean problems | exact match % (mean ± sd) | per seed "
+             "| held-out loss (mean ± sd) |", "|---|---|---|---|---|"]
     for method in ROWS:
         rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["seed"])
         if not rows:
             continue
         em = [100 * r["exact_match"] for r in rows]
-        loss = [r["val_loss"] for r in rows]
+        cells = (f"| {method} | {label(method)} | {_spread(em, 1)} | {', '.join(f'{e:.1f}' for e in em)} "
+                 f"| {_spread([r['val_loss'] for r in rows], 3)} |")
+        if is_clean(method):
+            clean.append(cells)
+            continue
         kn, kc = (statistics.mean(r[k] for r in rows) for k in ("kept_noise", "kept_clean"))
-        kept = "–" if method in ("base", "clean", "clean_sstoken") else f"{kn:.2f} / {kc:.2f}"
-        lines.append(f"| {method} | {_spread(em, 1)} | {', '.join(f'{e:.1f}' for e in em)} | {_spread(loss, 3)} "
-                     f"| {kept} |")
-    return "\n".join(lines)
+        noisy.append(cells + (" – |" if method in ("base", "sft") or method.startswith("sft@") else
+                              f" {kn:.2f} / {kc:.2f} |"))
+    return "\n".join(noisy + ([""] + clean if len(clean) > 2 else []))
 
 
 def _spread(values: list[float], digits: int) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Optional
@@ -28,7 +29,8 @@ PLOTTED = (("sstoken", "ssToken, lr 1e-3", "tab:red"), ("sstoken@lr1e-4", "ssTok
 #: The runs of the negative-REL panel.
 NEGATIVE = (("sstoken", "ssToken, lr 1e-3", "tab:red"), ("sstoken@lr3e-4", "ssToken, lr 3e-4", "tab:orange"),
             ("sstoken@lr1e-4", "ssToken, lr 1e-4", "tab:green"), ("sstoken-ema0.9", "EMA 0.9", "tab:purple"),
-            ("sstoken-refresh16", "refreshed every 16", "tab:brown"))
+            ("sstoken-refresh16", "refreshed every 16", "tab:brown"),
+            ("clean_sstoken", "ssToken on clean problems, lr 1e-3", "tab:pink"))
 #: Steps in the moving mean of the plotted curves.
 SMOOTH = 5
 
@@ -60,9 +62,22 @@ def first_firing(trace: dict, warmup_steps: int, window: int = 8, rise: float = 
 
 
 def load(folder: Path) -> list[dict]:
-    """Every run JSON of ``folder`` that has a trace."""
-    runs = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json")) if path.name != "settings.json"]
-    return [run for run in runs if run.get("trace")]
+    """Every run JSON of ``folder`` that has a trace, with ``detector``: the step at which the package's detector
+    warned in the run's log (``None``: it never did, or there is no log)."""
+    runs = []
+    for path in sorted(folder.glob("*-*.json")):
+        run = json.loads(path.read_text())
+        if run.get("trace"):
+            log = path.with_suffix(".log")
+            run["detector"] = detector_step(log.read_text()) if log.is_file() else None
+            runs.append(run)
+    return runs
+
+
+def detector_step(log: str) -> Optional[int]:
+    """The step of the first ``Runaway selection at step N`` warning of :class:`TokenSelection` in ``log``."""
+    found = re.search(r"Runaway selection at step (\d+)", log)
+    return int(found.group(1)) if found else None
 
 
 def warmup_of(run: dict) -> int:
@@ -71,15 +86,17 @@ def warmup_of(run: dict) -> int:
 
 
 def firing_table(runs: list[dict]) -> str:
-    """Markdown: per run, the step each rule of :data:`RULES` first fires at (``point`` / ``mean``), ``–`` never."""
+    """Markdown: per run, the step the package's detector warned at and the step each rule of :data:`RULES` first
+    fires at (``point`` / ``mean``), ``–`` never."""
     head = " | ".join(f"w {w}, rise {r:g}" for w, r in RULES)
-    lines = [f"| run | held-out loss | {head} |", "|---|---|" + "---|" * len(RULES)]
+    lines = [f"| run | held-out loss | package's detector | {head} |", "|---|---|---|" + "---|" * len(RULES)]
     for run in sorted(runs, key=lambda r: (r["method"], r["seed"])):
         cells = []
         for window, rise in RULES:
             fired = [first_firing(run["trace"], warmup_of(run), window, rise, mean) for mean in (False, True)]
             cells.append(" / ".join("–" if step is None else str(step) for step in fired))
-        lines.append(f"| {run['method']}-{run['seed']} | {run['val_loss']:.3f} | {' | '.join(cells)} |")
+        warned = "–" if run.get("detector") is None else str(run["detector"])
+        lines.append(f"| {run['method']}-{run['seed']} | {run['val_loss']:.3f} | {warned} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

@@ -1,10 +1,13 @@
-"""The ssToken protocol's runaway-selection additions: the variants (sstoken_variants.py), the audit's per-step
-trace, the detector rules (sstoken_runaway.py) and one smoke run of a variant row on a tiny base.
+"""The ssToken protocol's runaway-selection additions: the variants (sstoken_variants.py), the clean-problem rows and
+the runs planned with and without ``--seeds``, the audit's per-step trace, the detector rules and the package
+detector's step read from each run's log (sstoken_runaway.py), and smoke runs of a variant row and of a clean row on
+a tiny base.
 
 The variants are checked against the package's own selection at the score's share of the budget, the trace
 against means taken from the samples and their noise masks directly.
 """
 
+import json
 import math
 import statistics
 from types import SimpleNamespace
@@ -13,8 +16,10 @@ import pytest
 import torch
 
 from experiments.protocols.noise import NoiseSettings, NoisySFTDataModule
-from experiments.protocols.sstoken import QUICK, SETTINGS, VARIANTS, audit_callback, run_one, selection_for, table
-from experiments.protocols.sstoken_runaway import first_firing
+from experiments.protocols.sstoken import (CLEAN_ROWS, DEFAULT_RUNS, METHODS, QUICK, ROWS, SETTINGS, VARIANTS,
+                                          audit_callback, is_clean, planned_runs, row_change, run_one,
+                                          selection_for, table)
+from experiments.protocols.sstoken_runaway import firing_table, first_firing, load
 from experiments.protocols.sstoken_variants import RandomShareSelection, RefreshedHistory, RefreshSelection
 from lightning_tokens import ReasoningTask
 from lightning_tokens.data.packing import real_tokens, segment_ids
@@ -95,6 +100,31 @@ def test_variant_rows_build_what_they_name():
     assert type(selection_for("sstoken", 0, None)) is TokenSelection
 
 
+def test_clean_rows_run_their_noisy_row_on_the_clean_problems():
+    assert len(CLEAN_ROWS) == len(VARIANTS) + 2 and all(is_clean(row) for row in CLEAN_ROWS)
+    assert not any(is_clean(row) for row in ("base", *METHODS, *VARIANTS))
+    assert row_change("clean_sft@lr1e-4") == {"mode": "sft", "lr": 1e-4}
+    assert selection_for("clean_sft@lr1e-4", 0, None) is None and selection_for("clean", 0, None) is None
+    ema = selection_for("clean_sstoken-ema0.9", 1, None)
+    assert (ema.history, ema.ema_decay, ema.mode, ema.seed) == ("ema", 0.9, "sstoken", 1)
+    assert selection_for("clean_sstoken-fallback", 0, None).on_runaway == "attention"
+    assert isinstance(selection_for("clean_sstoken-refresh16", 0, None), RefreshSelection)
+    assert type(selection_for("clean_sstoken", 0, None)) is TokenSelection
+
+
+def test_default_plan_has_as_many_runs_as_the_timed_part_had_and_seeds_run_every_row():
+    default = planned_runs()
+    assert len(default) == DEFAULT_RUNS == 5 * 6 + 3  # 5 seeds of the 6 methods and 3 references, timed at 68.8 min
+    assert len(set(default)) == len(default) and default[-1] == ("base", 0)
+    assert {row for row, _ in default} >= {*METHODS, *VARIANTS, "clean", "clean_sstoken", "base"}
+    every = planned_runs([3, 4])
+    expected = {(row, seed) for row in ROWS if row != "base" for seed in (3, 4)} | {("base", 0)}
+    assert set(every) == expected and len(every) == len(expected)
+    last_noisy = max(i for i, (row, _) in enumerate(every) if row != "base" and not is_clean(row))
+    assert all(is_clean(row) for row, _ in every[last_noisy + 1:-1])  # the noisy rows of every seed first
+    assert [seed for row, seed in every if row == "sstoken"] == [3, 4]
+
+
 def test_audit_trace_is_the_mean_loss_of_kept_and_dropped_tokens_per_optimizer_step():
     """Four padding-free forwards accumulated into one optimizer step, a per-token loss and a keep rule known
     per token (loss 1 + id % 7, even ids kept), a negative REL share per forward: the step's figures equal the
@@ -151,22 +181,55 @@ def test_rules_fire_where_the_dropped_loss_rises_and_the_kept_loss_does_not():
     assert first_firing(no_drop, 2, window=4, rise=0.5) is None
 
 
+def test_the_package_detector_step_is_read_from_each_run_log(tmp_path):
+    trace = dict(step=[1, 2], loss_kept=[1.0, 1.0], loss_dropped=[2.0, 2.0])
+    for name, log in (("sstoken-0", "x\nUserWarning: Runaway selection at step 31: over the last 8 steps\n"
+                                    "Runaway selection at step 40\n"), ("sft-0", "nothing\n"), ("rho1-0", None)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(method=name[:-2], seed=0, steps=64, val_loss=0.2,
+                                                                trace=trace)))
+        if log is not None:
+            (tmp_path / f"{name}.log").write_text(log)
+    (tmp_path / "settings.json").write_text("{}")
+    runs = {run["method"]: run["detector"] for run in load(tmp_path)}
+    assert runs == {"sstoken": 31, "sft": None, "rho1": None}
+    assert "| sstoken-0 | 0.200 | 31 |" in firing_table(load(tmp_path))
+
+
 def test_table_has_the_variant_rows():
     rows = [dict(method=m, seed=s, exact_match=0.05 + 0.01 * s, val_loss=0.2, kept_noise=0.5, kept_clean=0.6)
-            for m in ("sstoken", "sstoken-ema0.9") for s in (0, 1)]
-    text = table(rows)
-    assert "| sstoken-ema0.9 | 5.5 ± 0.7 | 5.0, 6.0 | 0.200 ± 0.000 | 0.50 / 0.60 |" in text
+            for m in ("sstoken", "sstoken-ema0.9", "clean_sstoken-ema0.9") for s in (0, 1)]
+    noisy, clean = table(rows).split("\n\n")
+    assert ("| sstoken-ema0.9 | ssToken, EMA history 0.9 | 5.5 ± 0.7 | 5.0, 6.0 | 0.200 ± 0.000 | 0.50 / 0.60 |"
+            in noisy.splitlines())
+    assert "clean_" not in noisy and "ema0.9 |" not in clean.replace("clean_sstoken-ema0.9 |", "")
+    assert ("| clean_sstoken-ema0.9 | ssToken, EMA history 0.9 | 5.5 ± 0.7 | 5.0, 6.0 | 0.200 ± 0.000 |"
+            in clean.splitlines())  # no noise to count
 
 
-def test_a_variant_row_runs_end_to_end_and_traces_every_step(tmp_path):
+#: The protocol at smoke sizes, on a tiny base: 2 steps, 4 held-out problems.
+TINY_SETTINGS = {**SETTINGS, **QUICK, "num_eval": 4, "max_new_tokens": 4}
+
+
+@pytest.fixture
+def tiny_base(tmp_path):
+    """A tiny random Llama with the task's tokenizer, saved as a base folder."""
     tokenizer = load_task_tokenizer()
     config = tiny_config("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model, _ = load_causal_lm(ModelSpec(config=config))
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    settings = {**SETTINGS, **QUICK, "num_eval": 4, "max_new_tokens": 4}
-    result = run_one("sstoken-random30", 0, str(tmp_path), settings)
+    return str(tmp_path)
+
+
+def test_a_variant_row_runs_end_to_end_and_traces_every_step(tiny_base):
+    result = run_one("sstoken-random30", 0, tiny_base, TINY_SETTINGS)
     assert result["steps"] == 2 and result["trace"]["step"] == [1, 2]
     assert all(len(v) == 2 and None not in v for v in result["trace"].values())
     assert 0 < result["kept_noise"] < 1 and 0 < result["kept_clean"] < 1
+
+
+def test_a_clean_row_trains_without_noise(tiny_base):
+    result = run_one("clean_sstoken@lr1e-4", 0, tiny_base, TINY_SETTINGS)
+    assert result["steps"] == 2 and result["noise_tokens"] == 0 and result["clean_tokens"] == 0  # no noisy sample
+    assert all(v is not None for v in result["trace"]["loss_kept"])

@@ -4,7 +4,8 @@ After the warm-up, ranking by ``REL = L_his - L_cur`` keeps the tokens the curre
 since the history model, which is what it learns fastest (injected filler, as a class, is learnt at once). The
 tokens it is getting worse at get negative REL, are dropped, and nothing pulls them back: the dropped tokens' loss
 rises while the kept tokens' loss keeps falling, and ``val/loss`` rises with it (the ssToken evidence runs at lr
-1e-3 kept 84-86% of the noise against a 60% budget and collapsed; see experiments/README.md).
+1e-3 kept 77% of the noise against a 60% budget and collapsed, and ended worse than full SFT on clean data too;
+see experiments/README.md).
 
 :class:`RunawayDetector` watches that signature on one figure per optimizer step, the mean current loss of the
 kept and of the dropped response tokens. Its baseline is the mean of the first ``window`` steps it sees (the

@@ -14,7 +14,7 @@ import torch
 from lightning_tokens.modeling import ModelSpec, causal_lm_of, load_causal_lm
 from lightning_tokens.sstoken import TokenSelection
 from tests.integration.architectures import spec_of
-from tests.sstoken.helpers import build, perturb, run_selection
+from tests.sstoken.helpers import build, lora_spec, perturb, run_selection
 from tests.sstoken.naive import make_batch, naive_attention, naive_loss, naive_select, naive_token_losses
 from tests.tiny import tiny_config, trainer
 
@@ -200,6 +200,43 @@ def test_kept_dropped_and_negative_rel_diagnostics_match_naive_values(layout):
     assert 0 < negative < len(kept_values) + len(dropped_values)  # the batch tests both sides of REL < 0
 
 
+@pytest.mark.parametrize("family,left_pad", [("deepseek_v3", True), ("glm4_moe", False), ("nf4-lora", True),
+                                             ("nf4-lora", False)])
+def test_diagnostics_match_naive_values_on_moe_mla_and_nf4_lora(family, left_pad):
+    """MoE with DeepSeek-style attention (deepseek_v3), MoE (glm4_moe): ssToken's mix, history a frozen copy. QLoRA
+    (nf4 base, LoRA adapters): REL alone, history the base with the adapters disabled."""
+    if family == "nf4-lora":
+        model, _ = load_causal_lm(lora_spec(quantization="nf4"))
+        selection = TokenSelection(mode="loss", ratio=0.6)
+        batch = make_batch(causal_lm_of(model).config.vocab_size, left_pad=left_pad)
+        cur = naive_token_losses(model, batch)
+        with model.disable_adapter():
+            his = naive_token_losses(model, batch)
+        attention, gamma = None, 1.0
+    else:
+        model = build(family)
+        base = copy.deepcopy(model)
+        selection = TokenSelection(ratio=0.6, gamma=0.5, warmup=0)
+        selection.attach(model)  # the frozen copy: the weights before the perturbation
+        selection.detach()
+        perturb(model)
+        batch = make_batch(causal_lm_of(model).config.vocab_size, left_pad=left_pad)
+        his, cur = naive_token_losses(base, batch), naive_token_losses(model, batch)
+        attention, gamma = naive_attention(model, batch, -1), 0.5
+    rel = [{i: h[i] - c[i] for i in h} for h, c in zip(his, cur)]
+    kept = naive_select(rel, attention or rel, gamma, 0.6)
+    kept_values = [cur[b][i] for b in range(4) for i in kept[b]]
+    dropped_values = [cur[b][i] for b in range(4) for i in cur[b] if i not in kept[b]]
+    negative = sum(r < 0 for row in rel for r in row.values())
+    _, selected = run_selection(selection, model, batch)
+    metrics = {k: v.item() for k, v in selection.metrics.items()}
+    assert selected == kept
+    assert metrics["loss_kept"] == pytest.approx(sum(kept_values) / len(kept_values), rel=1e-4)
+    assert metrics["loss_dropped"] == pytest.approx(sum(dropped_values) / len(dropped_values), rel=1e-4)
+    assert metrics["negative_rel"] == pytest.approx(negative / (len(kept_values) + len(dropped_values)))
+    assert 0 < negative < len(kept_values) + len(dropped_values)
+
+
 def test_negative_rel_only_where_rel_is_computed():
     model = build("llama")
     batch = make_batch(causal_lm_of(model).config.vocab_size)
@@ -302,6 +339,31 @@ def test_on_runaway_attention_selects_by_attention_alone_after_firing(mode):
     gamma = 1.0 if mode == "loss" else 0.5
     assert [s["gamma"] for s in steps] == [gamma] * fired + [0.0] * (len(steps) - fired)
     assert selection.current_gamma() == 0.0
+
+
+class LoggingLoopModule(LoopModule):
+    """LoopModule keeping what each step logs."""
+
+    def __init__(self, lr):
+        super().__init__(lr)
+        self.logged = []
+
+    def log_dict(self, values, *args, **kwargs):
+        self.logged.append(dict(values))
+        super().log_dict(values, *args, **kwargs)
+
+
+def test_the_runaway_flag_is_logged_on_the_watched_steps_and_every_step_after_firing():
+    selection = TokenSelection(mode="loss", warmup=0, runaway_window=4, on_runaway="attention")
+    module = LoggingLoopModule(1e-2)
+    with pytest.warns(UserWarning, match="attention alone"):
+        trainer(max_steps=30, callbacks=[selection]).fit(module, looping_data())
+    fired = selection.detector.fired_step
+    assert fired is not None and len(module.logged) == 30
+    flags = [step.get("selection/runaway") for step in module.logged]
+    assert flags == [0.0] * (fired - 1) + [1.0] * (30 - fired + 1)
+    rel = ["selection/negative_rel" in step for step in module.logged]
+    assert rel == [True] * fired + [False] * (30 - fired)  # attention alone after the step it fired at
 
 
 @pytest.mark.parametrize("mode,lr", [("attention", 1e-2), ("random", 1e-2), ("rho1", 1e-2), ("sstoken", 1e-4)])

@@ -111,3 +111,62 @@ def test_warmup_once_or_at_every_epoch(per_epoch, expected):
     recorder = GammaRecorder(selection)
     trainer(max_epochs=2, callbacks=[selection, recorder]).fit(module, datamodule=data)
     assert recorder.gammas == expected
+
+
+class Interrupt(pl.Callback):
+    """Stops the run (as Ctrl-C would) once ``step`` optimizer steps are done and checkpointed."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+class KeptLoss(pl.Callback):
+    """``selection/loss_kept`` of every optimizer step, by step number."""
+
+    def __init__(self):
+        self.values = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values[trainer.global_step] = float(trainer.callback_metrics["selection/loss_kept"])
+
+
+def detector_fit(root, interrupt_at=None, ckpt_path=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_tokens.optim import OptimizerConfig
+
+    pl.seed_everything(0, verbose=False)
+    module = CausalLMModule(model=ModelSpec(config=tiny_config("llama")), optimizer=OptimizerConfig(lr=1e-2),
+                            max_new_tokens=2)
+    data = SFTDataModule(task=ReasoningTask(**{**SMALL_TASK, "num_train": 32}), batch_size=4, max_length=64)
+    selection, kept = TokenSelection(mode="loss", runaway_window=3), KeptLoss()
+    callbacks = [selection, kept, ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_last=True, save_top_k=0)]
+    if interrupt_at is not None:
+        callbacks.append(Interrupt(interrupt_at))
+    fit = trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=True, default_root_dir=root)
+    if interrupt_at is None:
+        fit.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    else:
+        with pytest.raises(SystemExit):  # Lightning shuts down gracefully, then exits with status 1
+            fit.fit(module, datamodule=data)
+    return selection, kept.values
+
+
+def test_a_run_interrupted_mid_epoch_resumes_the_runaway_detector_exactly(tmp_path):
+    """Stopped after step 5 of 8 in the first epoch, between the detector's baseline (steps 1-3) and the end: the
+    resumed run's detector holds the state, and logs the kept loss, of the uninterrupted one at every step."""
+    straight, straight_kept = detector_fit(tmp_path / "straight")
+    first, _ = detector_fit(tmp_path / "resumed", interrupt_at=5)
+    assert first.detector.baseline is not None and len(first.detector.recent) == 3
+    resumed, resumed_kept = detector_fit(tmp_path / "resumed", ckpt_path=tmp_path / "resumed" / "last.ckpt")
+    assert sorted(resumed_kept) == list(range(6, 17))
+    for step, value in resumed_kept.items():
+        assert value == pytest.approx(straight_kept[step], abs=1e-6), step
+    state, expected = resumed.detector.state_dict(), straight.detector.state_dict()
+    assert state["fired_step"] == expected["fired_step"]
+    assert state["baseline"] == pytest.approx(expected["baseline"], abs=1e-6)
+    assert [list(p) for p in state["recent"]] == [pytest.approx(list(p), abs=1e-6) for p in expected["recent"]]
