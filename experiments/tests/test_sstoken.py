@@ -16,9 +16,22 @@ import pytest
 import torch
 
 from experiments.protocols.noise import NoiseSettings, NoisySFTDataModule
-from experiments.protocols.sstoken import (CLEAN_ROWS, DEFAULT_RUNS, METHODS, QUICK, ROWS, SETTINGS, VARIANTS,
-                                          audit_callback, is_clean, planned_runs, row_change, run_one,
-                                          selection_for, table)
+from experiments.protocols.sstoken import (
+    CLEAN_ROWS,
+    DEFAULT_RUNS,
+    METHODS,
+    QUICK,
+    ROWS,
+    SETTINGS,
+    VARIANTS,
+    audit_callback,
+    is_clean,
+    planned_runs,
+    row_change,
+    run_one,
+    selection_for,
+    table,
+)
 from experiments.protocols.sstoken_runaway import firing_table, first_firing, load
 from experiments.protocols.sstoken_variants import RandomShareSelection, RefreshedHistory, RefreshSelection
 from lightning_tokens import ReasoningTask
