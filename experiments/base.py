@@ -135,11 +135,11 @@ class BaseSettings:
         1 thread)."""
         settings = self.resolved()
         identity = {**dataclasses.asdict(settings), "held_out": HELD_OUT}
-        threads = identity.pop("threads")
-        if threads != 2:
-            identity["threads"] = threads
+        slug = f"l{settings.layers}-h{settings.hidden}-s{settings.steps}"
+        if identity.pop("threads") != BaseSettings.threads:  # bases built before it was a setting keep their key
+            identity["threads"] = settings.threads
+            slug += f"-t{settings.threads}"
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-        slug = f"l{settings.layers}-h{settings.hidden}-s{settings.steps}" + (f"-t{threads}" if threads != 2 else "")
         return f"{slug}-{digest[:8]}"
 
 

@@ -36,8 +36,7 @@ START_ORDER = ("budget", "caft", "quiet_star", "sstoken")
 
 
 def base_part(args) -> Path:
-    settings = BaseSettings(steps=30, threads=args.base_threads) if args.quick else BaseSettings(
-        threads=args.base_threads)
+    settings = BaseSettings(threads=args.base_threads, **({"steps": 30} if args.quick else {}))
     evaluation = EvalSettings(problems=16) if args.quick else EvalSettings()
     return build_base(settings, evaluation)
 
@@ -49,7 +48,7 @@ def main() -> None:
     parser.add_argument("--output", default="runs/evidence")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, not the methods")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (default: each part's)")
-    parser.add_argument("--base-threads", type=int, default=2,
+    parser.add_argument("--base-threads", type=int, default=BaseSettings.threads,
                         help="torch threads the base trains on (its weights depend on it; ssToken's table: 1)")
     args = parser.parse_args()
     started = time.time()

@@ -1,8 +1,9 @@
-"""Tiny models built from a config (never downloaded), padded token rows and a quiet CPU Trainer, shared by the
-tests."""
+"""Tiny models built from a config (never downloaded), padded token rows, a quiet CPU Trainer and a callback that
+interrupts it, shared by the tests."""
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import torch
 
 TINY_SIZES = {
@@ -47,3 +48,15 @@ def trainer(**kwargs):
                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+class Interrupt(pl.Callback):
+    """Stops the run (as Ctrl-C would) once ``step`` optimizer steps are done (and checkpointed, where a
+    ``ModelCheckpoint`` saves every step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt

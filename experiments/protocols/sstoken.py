@@ -32,6 +32,7 @@ guidance on :data:`VARIANT_SEEDS`, the three references once.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -199,7 +200,7 @@ def is_clean(row: str) -> bool:
 
 def row_change(row: str) -> dict[str, Any]:
     """What ``row`` runs: ``mode`` (the method) and what it changes in the protocol (``lr``, ``history``, ...)."""
-    noisy = row.removeprefix("clean_") if row.startswith("clean_") else row
+    noisy = row.removeprefix("clean_")
     if noisy in VARIANTS:
         return dict(VARIANTS[noisy])
     return {"mode": "sft" if noisy in ("base", "clean") else noisy}
@@ -309,8 +310,6 @@ def planned_runs(seeds: Optional[list[int]] = None, quick: bool = False) -> list
 
 def load_results(out: Path) -> list[dict]:
     """Every finished run in ``out``: the table shows all there are, from any earlier ``--seeds``."""
-    import json
-
     return [json.loads(path.read_text()) for path in sorted(out.glob("*-*.json"))]
 
 

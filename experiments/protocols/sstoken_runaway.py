@@ -12,12 +12,13 @@ step's own figures (``point``) or on their mean over the last ``window`` steps (
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import statistics
 from pathlib import Path
 from typing import Optional
+
+from experiments.protocols.sstoken import load_results
 
 #: ``(window, rise)`` pairs the table reports; ``(8, 0.5)`` is the detector's draft rule.
 RULES = ((8, 0.5), (4, 0.5), (8, 0.25), (8, 1.0), (16, 0.5))
@@ -64,13 +65,10 @@ def first_firing(trace: dict, warmup_steps: int, window: int = 8, rise: float = 
 def load(folder: Path) -> list[dict]:
     """Every run JSON of ``folder`` that has a trace, with ``detector``: the step at which the package's detector
     warned in the run's log (``None``: it never did, or there is no log)."""
-    runs = []
-    for path in sorted(folder.glob("*-*.json")):
-        run = json.loads(path.read_text())
-        if run.get("trace"):
-            log = path.with_suffix(".log")
-            run["detector"] = detector_step(log.read_text()) if log.is_file() else None
-            runs.append(run)
+    runs = [run for run in load_results(folder) if run.get("trace")]
+    for run in runs:
+        log = folder / f"{run['method']}-{run['seed']}.log"
+        run["detector"] = detector_step(log.read_text()) if log.is_file() else None
     return runs
 
 

@@ -182,7 +182,6 @@ class TokenSelection(TokenLossCallback):
         self._pending_state: Optional[dict] = None
         self._restored = False
         self._sharded = False  # training under FSDP2, which shards the model after setup
-        self._watched = False  # whether the last forward is one the runaway flag is logged for
 
     # -- which signals a mode needs ----------------------------------------------------------------------
     @property
@@ -313,9 +312,9 @@ class TokenSelection(TokenLossCallback):
         if stepped and self._step_sums is not None:
             self._check_runaway(trainer, trainer.global_step)
         self.global_step = trainer.global_step
-        if self._watched:  # the detector's verdict once the step is done
+        # the detector's verdict once the step is done, where REL ranked the forward and on every step after it fired
+        if self.metrics and ("negative_rel" in self.metrics or self.detector.fired):
             self.metrics["runaway"] = torch.tensor(float(self.detector.fired))
-            self._watched = False
         if self.metrics:
             values = torch.stack([v.float().to(pl_module.device) for v in self.metrics.values()]).tolist()
             logged = {f"selection/{k}": v for k, v in zip(self.metrics, values) if math.isfinite(v)}
@@ -380,8 +379,6 @@ class TokenSelection(TokenLossCallback):
         if "negative_rel" in stats:  # REL ranks this batch, so the loop can form: the detector counts it
             step = torch.stack([kept_sum, kept_n, dropped_sum, dropped_n, negative, response.sum()]).float()
             self._step_sums = step if self._step_sums is None else self._step_sums + step
-        # the runaway flag is logged wherever the detector watches, and after it has fired (the fallback's steps)
-        self._watched = "negative_rel" in stats or self.detector.fired
         self.forwards += 1
         self.metrics = {k: v.detach() for k, v in stats.items()}  # read (one sync) when logged
 

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from lightning.pytorch import Callback
 
 from lightning_tokens.cli import build_cli
 from tests.cli.options import ROOT
+from tests.tiny import Interrupt
 
 CONFIG_DIR = ROOT / "lightning_tokens" / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
@@ -54,16 +54,6 @@ def test_fit_fast_dev_run_on_every_tiny_config_packed(config, tmp_path, monkeypa
     assert "position_ids" in next(iter(loader))
     assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == min(2, len(loader))
 
-
-class Interrupt(Callback):
-    """Kills the run (as Ctrl-C would) once ``step`` optimizer steps are done."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 def _fit(tmp_path, *extra, interrupt_at=None, ckpt_path=None, config="configs/sft/tiny.yaml"):

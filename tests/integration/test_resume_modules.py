@@ -23,7 +23,7 @@ from lightning_tokens.data.reasoning_task import ReasoningTask
 from lightning_tokens.modeling import ModelSpec
 from lightning_tokens.optim import OptimizerConfig
 from lightning_tokens.quiet_star import QuietSTaRModule
-from tests.tiny import tiny_config
+from tests.tiny import Interrupt, tiny_config
 
 BATCHES, EPOCHS = 4, 2
 # a cosine schedule with warm-up: every step's learning rate depends on the run's total steps
@@ -53,16 +53,6 @@ def budget_run():
 
 RUNS = {"heads": heads_run, "quiet-star": quiet_star_run, "budget": budget_run}
 
-
-class Interrupt(pl.Callback):
-    """Stops the run (as Ctrl-C would) once ``step`` optimizer steps are done and checkpointed."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 class Losses(pl.Callback):

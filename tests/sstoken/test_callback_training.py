@@ -20,7 +20,7 @@ from lightning_tokens.sft import CausalLMModule
 from lightning_tokens.sstoken import TokenSelection
 from tests.sstoken.helpers import SMALL_TASK, lora_spec
 from tests.sstoken.naive import make_batch, naive_attention, naive_select, naive_token_losses
-from tests.tiny import tiny_config, trainer
+from tests.tiny import Interrupt, tiny_config, trainer
 
 
 def test_yaml_config_runs_with_causal_lm_module(tmp_path):
@@ -112,16 +112,6 @@ def test_warmup_once_or_at_every_epoch(per_epoch, expected):
     trainer(max_epochs=2, callbacks=[selection, recorder]).fit(module, datamodule=data)
     assert recorder.gammas == expected
 
-
-class Interrupt(pl.Callback):
-    """Stops the run (as Ctrl-C would) once ``step`` optimizer steps are done and checkpointed."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 class KeptLoss(pl.Callback):
